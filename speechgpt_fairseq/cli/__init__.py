@@ -1,0 +1,1 @@
+"""The `speechgpt` command: one verb per job fairseq has no tool for."""

@@ -1,0 +1,42 @@
+"""`speechgpt <verb> ...`: argument parsing and error reporting for every verb."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from speechgpt_fairseq.cli import checkpoints, units
+
+VERBS = {
+    "convert-hf": checkpoints.ConvertHF,
+    "export-hf": checkpoints.ExportHF,
+    "prepare-units": units.PrepareUnits,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechgpt", description="SpeechGPT with fairseq: the jobs fairseq has no tool for. "
+                                      "Training and evaluation use fairseq-hydra-train and fairseq-generate.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name, verb in VERBS.items():
+        p = sub.add_parser(name, help=verb.help, description=verb.__doc__)
+        verb.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
+                        stream=sys.stderr)
+    try:
+        VERBS[args.verb].run(args)
+    except (ValueError, FileNotFoundError) as e:
+        # our errors are ValueError / FileNotFoundError subclasses whose message names the file and record
+        print(f"speechgpt {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""prepare-units: binarize unit corpora for stage 1 (unit_lm)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from speechgpt_fairseq.data.binarize import BinarizeError, prepare_units
+from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
+
+
+def load_vocabulary(spec: str | None, num_units: int | None) -> Vocabulary:
+    """--vocab: a vocab.json (or a directory with one, e.g. convert-hf's output), a tokenizer file or a
+    Hugging Face tokenizer directory; none gives a units-only vocabulary."""
+    if spec is None:
+        return Vocabulary.units_only(num_units or 1000)
+    path = Path(spec)
+    if path.name == VOCAB_FILE or (path.is_dir() and (path / VOCAB_FILE).exists()):
+        vocab = Vocabulary.load(path)
+        if num_units is not None and num_units != vocab.num_units:
+            raise BinarizeError(f"{spec}: has {vocab.num_units} units, --num-units says {num_units}")
+        return vocab
+    return Vocabulary.from_tokenizer(path, num_units)
+
+
+class PrepareUnits:
+    """Binarize unit files (fairseq k-means labels, or SpeechGPT unit strings `<sosp><12><7>…<eosp>`, one
+    utterance per line) into fairseq memory-mapped datasets: OUT/SPLIT.bin and .idx, plus OUT/vocab.json.
+    Empty lines are skipped and counted; a malformed line stops with its file and line number, and nothing
+    is written."""
+
+    help = "binarize unit corpora (k-means labels or SpeechGPT unit strings) for unit_lm"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("splits", nargs="+", metavar="SPLIT=FILE", help="e.g. train=train.km valid=valid.km")
+        p.add_argument("--out", required=True, help="data directory to write (task.data)")
+        p.add_argument("--vocab", default=None,
+                       help="vocab.json or a directory holding one (convert-hf's output), or a tokenizer "
+                            "(tokenizer.model, tokenizer.json, Hugging Face directory); default: units only")
+        p.add_argument("--num-units", type=int, default=None, help="K (default 1000, or the vocabulary's)")
+        p.add_argument("--open", nargs="*", default=[], metavar="SPLIT",
+                       help="splits of prompts: k-means lines are not closed with <eosp>")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    @staticmethod
+    def run(args) -> None:
+        splits = {}
+        for spec in args.splits:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise BinarizeError(f"{spec!r}: expected SPLIT=FILE, e.g. train=data/train.km")
+            if name in splits:
+                raise BinarizeError(f"split {name!r} is given twice")
+            splits[name] = path
+        vocab = load_vocabulary(args.vocab, args.num_units)
+        for stats in prepare_units(splits, args.out, vocab, open_splits=args.open,
+                                   show_progress=not args.no_progress):
+            skipped = ", ".join(f"skipped {n}: {reason}" for reason, n in stats.skipped.items()) or "nothing skipped"
+            print(f"{stats.path}: {stats.records} utterances, {stats.tokens} tokens ({skipped})")
+        print(f"wrote {args.out} ({len(vocab)} tokens in {Path(args.out) / VOCAB_FILE})")

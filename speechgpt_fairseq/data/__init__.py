@@ -1,0 +1,1 @@
+"""Vocabulary, datasets and binarization. Imports nothing from tasks, criterions or models."""

@@ -1,0 +1,178 @@
+"""Binarization into fairseq memory-mapped datasets (`split.bin` + `split.idx`), streaming and all-or-nothing.
+
+The writer keeps nothing per record in memory: token ids go straight to the `.bin` file and sizes to a
+scratch file, so memory stays flat however large the corpus. Everything is written under a temporary name
+and renamed into place only when the whole output succeeded.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from fairseq.data.indexed_dataset import MMapIndexedDataset, _dtype_header_code, best_fitting_int_dtype
+
+from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
+from speechgpt_fairseq.speech.units import (EOSP, SOSP, UnitFormatError, detect_unit_format, parse_kmeans_labels,
+                                            parse_unit_string)
+
+_CHUNK = 4096  # records buffered before a write
+
+
+class BinarizeError(ValueError):
+    """Input that cannot be binarized; names the file and line."""
+
+
+class IndexedDatasetWriter:
+    """Streams token-id records into fairseq's MMapIndexedDataset format (readable by fairseq as is)."""
+
+    def __init__(self, prefix: str | os.PathLike, vocab_size: int):
+        self.prefix = str(prefix)
+        self.dtype = np.dtype(best_fitting_int_dtype(vocab_size))
+        self._bin = open(self.prefix + ".bin", "wb")
+        self._sizes = tempfile.TemporaryFile(dir=os.path.dirname(self.prefix) or ".")
+        self._pending: list[np.ndarray] = []
+        self.num_records = 0
+        self.num_tokens = 0
+
+    def add(self, ids: list[int]) -> None:
+        self._pending.append(np.asarray(ids, dtype=self.dtype))
+        if len(self._pending) >= _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        self._bin.write(np.concatenate(self._pending).tobytes())
+        sizes = np.fromiter((len(a) for a in self._pending), dtype=np.int32, count=len(self._pending))
+        self._sizes.write(sizes.tobytes())
+        self.num_records += len(sizes)
+        self.num_tokens += int(sizes.sum())
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Finish `.bin` and write the `.idx`: header, sizes (int32), then byte offsets (int64)."""
+        self._flush()
+        self._bin.close()
+        with open(self.prefix + ".idx", "wb") as idx:
+            idx.write(MMapIndexedDataset.Index._HDR_MAGIC)
+            idx.write(struct.pack("<Q", 1))
+            idx.write(struct.pack("<B", _dtype_header_code(self.dtype.type)))
+            idx.write(struct.pack("<Q", self.num_records))
+            self._sizes.seek(0)
+            shutil.copyfileobj(self._sizes, idx)
+            self._sizes.seek(0)
+            offset = 0
+            while chunk := self._sizes.read(4 * _CHUNK):
+                sizes = np.frombuffer(chunk, dtype=np.int32).astype(np.int64)
+                ends = np.cumsum(sizes) * self.dtype.itemsize + offset
+                idx.write((ends - sizes * self.dtype.itemsize).tobytes())
+                offset = int(ends[-1])
+        self._sizes.close()
+
+    def abort(self) -> None:
+        for f in (self._bin, self._sizes):
+            f.close()
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a scratch directory; on success its files replace those of the same name in `out`, else it is removed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out, prefix=".incomplete-"))
+    try:
+        yield scratch
+        for item in sorted(scratch.iterdir()):
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass
+class SplitStats:
+    """What one input file gave: records written and lines skipped, by reason."""
+
+    path: str
+    records: int = 0
+    tokens: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def read_unit_lines(path: str | os.PathLike, vocab: Vocabulary, stats: SplitStats, open_ended: bool = False,
+                    ) -> Iterator[list[int]]:
+    """Token ids for each utterance of a units file (k-means labels or SpeechGPT unit strings, detected
+    from the first line that is not empty).
+
+    k-means lines become `<sosp> units <eosp>` (`<sosp> units` when `open_ended`, for prompts); unit strings
+    keep their own markers. Empty lines are skipped and counted; anything else malformed raises
+    BinarizeError naming the file and line.
+    """
+    sosp, eosp = vocab.index[SOSP], vocab.index[EOSP]
+    fmt = None
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                stats.skip("empty line")
+                continue
+            fmt = fmt or detect_unit_format(line)
+            try:
+                if fmt == "kmeans":
+                    units, closed = parse_kmeans_labels(line, vocab.num_units), not open_ended
+                else:
+                    units, closed = parse_unit_string(line, vocab.num_units)
+            except UnitFormatError as e:
+                kind = "k-means labels" if fmt == "kmeans" else "SpeechGPT unit strings"
+                raise BinarizeError(f"{path}:{lineno}: {e} (this file holds {kind}, detected from its first line)") \
+                    from None
+            yield [sosp, *(vocab.unit_offset + u for u in units), *([eosp] if closed else [])]
+
+
+def write_split(records: Iterable[list[int]], prefix: str | os.PathLike, vocab: Vocabulary, stats: SplitStats,
+                progress=None) -> None:
+    """Write `records` to `prefix.bin/.idx`, updating `stats`."""
+    writer = IndexedDatasetWriter(prefix, len(vocab))
+    try:
+        for ids in records:
+            writer.add(ids)
+            if progress is not None:
+                progress.update(1)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    stats.records, stats.tokens = writer.num_records, writer.num_tokens
+
+
+def prepare_units(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabulary,
+                  open_splits: Iterable[str] = (), show_progress: bool = True) -> list[SplitStats]:
+    """Binarize units files into `out` (one `name.bin/.idx` per split) with `vocab.json` beside them."""
+    from tqdm import tqdm
+
+    open_splits = set(open_splits)
+    unknown = open_splits - set(splits)
+    if unknown:
+        raise BinarizeError(f"--open names splits that are not given: {sorted(unknown)}")
+    results = []
+    with atomic_output_dir(out) as scratch:
+        vocab.save(scratch / VOCAB_FILE)
+        for name, path in splits.items():
+            if not Path(path).is_file():
+                raise BinarizeError(f"{path}: no such file (split {name!r})")
+            stats = SplitStats(str(path))
+            with tqdm(desc=f"{name} ({Path(path).name})", unit=" utt", disable=not show_progress) as bar:
+                write_split(read_unit_lines(path, vocab, stats, open_ended=name in open_splits),
+                            scratch / name, vocab, stats, progress=bar)
+            if stats.records == 0:
+                raise BinarizeError(f"{path}: no utterances (split {name!r})")
+            results.append(stats)
+    return results

@@ -1,0 +1,282 @@
+"""LLaMA as a fairseq language model: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention.
+
+Submodule names follow Hugging Face's `modeling_llama.py`, so the weight map between the two is the identity
+up to a prefix (see models/hf.py). Incremental decoding keeps a key/value cache in fairseq's incremental
+state; a prompt handed over by `PromptPrefillGenerator` is run through the stack in one forward pass.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, register_model
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from speechgpt_fairseq.data.vocabulary import dictionary_digest
+
+
+@dataclass
+class SpeechGPTLlamaConfig(FairseqDataclass):
+    decoder_layers: int = field(default=2, metadata={"help": "number of decoder blocks"})
+    decoder_embed_dim: int = field(default=128, metadata={"help": "model width (HF hidden_size)"})
+    decoder_ffn_embed_dim: int = field(default=352, metadata={"help": "SwiGLU inner width (HF intermediate_size)"})
+    decoder_attention_heads: int = field(default=4, metadata={"help": "query heads"})
+    decoder_kv_heads: int = field(
+        default=0, metadata={"help": "key/value heads for grouped-query attention; 0 means one per query head"})
+    head_dim: int = field(default=0, metadata={"help": "width of one head; 0 means embed_dim / attention_heads"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "rotary embedding base (500000 for Llama 3)"})
+    rms_norm_eps: float = field(default=1e-6, metadata={"help": "epsilon of every RMSNorm"})
+    max_target_positions: int = field(default=2048, metadata={"help": "longest sequence the model accepts"})
+    share_decoder_input_output_embed: bool = field(
+        default=False, metadata={"help": "tie the output layer to the input embedding"})
+    checkpoint_activations: bool = field(
+        default=False, metadata={"help": "recompute each block in the backward pass to save memory"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the normal init of linear and embedding weights"})
+
+
+class ModelConfigError(ValueError):
+    """A model configuration, or a checkpoint for it, that cannot work."""
+
+
+def validate_config(cfg) -> None:
+    heads, kv = cfg.decoder_attention_heads, cfg.decoder_kv_heads or cfg.decoder_attention_heads
+    if heads % kv:
+        raise ModelConfigError(f"decoder_attention_heads ({heads}) must be a multiple of decoder_kv_heads ({kv})")
+    if not cfg.head_dim and cfg.decoder_embed_dim % heads:
+        raise ModelConfigError(f"decoder_embed_dim ({cfg.decoder_embed_dim}) must divide by "
+                               f"decoder_attention_heads ({heads}), or set head_dim")
+    if (cfg.head_dim or cfg.decoder_embed_dim // heads) % 2:
+        raise ModelConfigError("the head width must be even for rotary embeddings")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalised in fp32, scaled after the cast back, as LLaMA does
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables of the rotary embedding, in fp32, grown on demand."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._build(max_positions)
+
+    def _build(self, n: int) -> None:
+        freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        if start + length > self.cos.size(0):
+            self._build(2 * (start + length))
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, D) by position; halves convention (HF's rotate_half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dim = cfg.decoder_embed_dim
+        self.n_heads = cfg.decoder_attention_heads
+        self.n_kv = cfg.decoder_kv_heads or self.n_heads
+        self.head_dim = cfg.head_dim or dim // self.n_heads
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: dict | None = None, layer: int = 0,
+                start: int = 0) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        causal = True
+        if cache is not None:
+            k, v = _cache_write(cache, layer, k, v, start)  # (B, Hkv, start + T, D)
+            causal = T > 1  # a single new token sees the whole cache
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def _cache_write(cache: dict, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    """Store k, v at positions [start, start + T) of this layer's cache and return positions [0, start + T)."""
+    end = start + k.size(2)
+    kk, vk = f"k{layer}", f"v{layer}"
+    if kk not in cache or cache[kk].size(2) < end:
+        capacity = max(256, 2 * end)
+        grown_k = k.new_zeros(k.size(0), k.size(1), capacity, k.size(3))
+        grown_v = torch.zeros_like(grown_k)
+        if kk in cache:
+            grown_k[:, :, :start] = cache[kk][:, :, :start]
+            grown_v[:, :, :start] = cache[vk][:, :, :start]
+        cache[kk], cache[vk] = grown_k, grown_v
+    cache[kk][:, :, start:end] = k
+    cache[vk][:, :, start:end] = v
+    return cache[kk][:, :, :end], cache[vk][:, :, :end]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dim, hidden = cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.decoder_embed_dim, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.decoder_embed_dim, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: dict | None = None, layer: int = 0,
+                start: int = 0) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
+    def __init__(self, cfg, dictionary):
+        super().__init__(dictionary)
+        self.cfg = cfg
+        dim = cfg.decoder_embed_dim
+        self.embed_tokens = nn.Embedding(len(dictionary), dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.decoder_layers))
+        self.norm = RMSNorm(dim, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.share_decoder_input_output_embed else nn.Linear(dim, len(dictionary), bias=False)
+        head_dim = cfg.head_dim or dim // cfg.decoder_attention_heads
+        self.rotary = Rotary(head_dim, cfg.rope_theta, cfg.max_target_positions)
+        # the vocabulary the embedding rows belong to; checked when a checkpoint is loaded
+        digest = torch.tensor(list(bytes.fromhex(dictionary_digest(dictionary))), dtype=torch.uint8)
+        self.register_buffer("vocab_digest", digest)
+        self._pending_prompt: Tensor | None = None
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    # ---- full sequences (training, scoring) -------------------------------------------------
+    def forward(self, prev_output_tokens: Tensor, src_lengths=None, encoder_out=None, incremental_state=None,
+                features_only: bool = False, **unused):
+        if incremental_state is None:
+            h = self.extract_features(prev_output_tokens)
+        else:
+            h = self._decode_step(prev_output_tokens, incremental_state)
+        return (h if features_only else self.output_layer(h)), {"attn": None}
+
+    def extract_features(self, tokens: Tensor, encoder_out=None, **unused) -> Tensor:
+        return self._run(tokens, start=0, cache=None)
+
+    def _run(self, tokens: Tensor, start: int, cache: dict | None) -> Tensor:
+        """Hidden states after the final norm for `tokens` at positions [start, start + T)."""
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        cos, sin = self.rotary(start, tokens.size(1))
+        recompute = self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, i, start)
+        return self.norm(x)
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(features, weight)
+
+    def max_positions(self) -> int:
+        return self.cfg.max_target_positions
+
+    # ---- incremental decoding ---------------------------------------------------------------
+    def set_pending_prompt(self, prompt: Tensor | None) -> None:
+        """The forced prompt of the next generation (B, P), right-padded; run in one pass at its first step."""
+        self._pending_prompt = prompt
+
+    def _decode_step(self, tokens: Tensor, incremental_state: dict) -> Tensor:
+        """Hidden state of the last position of `tokens` (N, S); positions before it are cached."""
+        pos = tokens.size(1) - 1
+        cache = self.get_incremental_state(incremental_state, "cache")
+        if cache is None:
+            cache = {}
+            self.set_incremental_state(incremental_state, "cache", cache)
+            prompt, self._pending_prompt = self._pending_prompt, None
+            if prompt is not None and prompt.numel():
+                prompt = prompt.repeat_interleave(tokens.size(0) // prompt.size(0), dim=0)
+                common = int(prompt.ne(self.dictionary.pad()).sum(1).min())  # prompt length all rows share
+                if common > 0:
+                    # positions 0..common in one pass; steps up to `common` read their hidden state from here
+                    cache["prefill"] = self._run(torch.cat([tokens[:, :1], prompt[:, :common]], 1), 0, cache)
+        prefill = cache.get("prefill")
+        if prefill is not None and pos < prefill.size(1):
+            return prefill[:, pos:pos + 1]
+        return self._run(tokens[:, -1:], pos, cache)
+
+    def reorder_incremental_state(self, incremental_state: dict, new_order: Tensor):
+        cache = self.get_incremental_state(incremental_state, "cache")
+        if cache is not None:
+            for key, value in cache.items():
+                cache[key] = value.index_select(0, new_order)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def upgrade_state_dict_named(self, state_dict, name):
+        prefix = f"{name}." if name else ""
+        check_checkpoint_fits(self, state_dict, prefix)
+        return state_dict
+
+
+def check_checkpoint_fits(decoder: SpeechGPTLlamaDecoder, state_dict: dict, prefix: str) -> None:
+    """Refuse, with the reason, a checkpoint of another vocabulary or another shape."""
+    theirs = state_dict.get(prefix + "vocab_digest")
+    emb = state_dict.get(prefix + "embed_tokens.weight")
+    n_ours = decoder.embed_tokens.weight.size(0)
+    if theirs is not None and not torch.equal(theirs.to(torch.uint8), decoder.vocab_digest.cpu()):
+        n_theirs = emb.size(0) if emb is not None else "?"
+        raise ModelConfigError(
+            f"the checkpoint's vocabulary ({n_theirs} tokens) differs from the data directory's ({n_ours} tokens); "
+            f"binarize the data with the checkpoint's vocab.json (speechgpt prepare-units --vocab ...)")
+    if theirs is None:  # a state dict from elsewhere (e.g. built by hand): shapes are all we can check
+        state_dict[prefix + "vocab_digest"] = decoder.vocab_digest.clone()
+    mismatched = [f"{k[len(prefix):]}: checkpoint {tuple(v.shape)}, model {tuple(p.shape)}"
+                  for k, p in decoder.state_dict().items()
+                  if (v := state_dict.get(prefix + k)) is not None and v.shape != p.shape]
+    if mismatched:
+        raise ModelConfigError("the checkpoint does not fit the configured model (pick the preset that matches "
+                               "it):\n  " + "\n  ".join(mismatched[:6]))
+
+
+@register_model("speechgpt_llama", dataclass=SpeechGPTLlamaConfig)
+class SpeechGPTLlamaModel(FairseqLanguageModel):
+    """The LLaMA decoder as a fairseq language model."""
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        validate_config(cfg)
+        return cls(SpeechGPTLlamaDecoder(cfg, task.target_dictionary))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,100 @@
+"""k-means over speech features: fitting (fairseq HuBERT's settings), joblib files, and fast labelling.
+
+The files are joblib-pickled scikit-learn models, the format of fairseq's `learn_kmeans.py` and of the
+released SpeechGPT/mHuBERT `*_km1000.bin` files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import joblib
+import numpy as np
+from sklearn.cluster import MiniBatchKMeans
+
+logger = logging.getLogger(__name__)
+
+# fairseq examples/hubert/simple_kmeans/learn_kmeans.py defaults (verbose off).
+FAIRSEQ_KMEANS_OPTIONS = dict(
+    init="k-means++",
+    max_iter=100,
+    batch_size=10000,
+    tol=0.0,
+    max_no_improvement=100,
+    n_init=20,
+    reassignment_ratio=0.0,
+    compute_labels=False,
+    verbose=0,
+)
+
+
+def fit_kmeans(features: np.ndarray, n_clusters: int, seed: int = 0, **opts) -> MiniBatchKMeans:
+    """Fit MiniBatchKMeans on (frames, dim) features; `opts` override fairseq's learn_kmeans settings."""
+    if features.ndim != 2:
+        raise ValueError(f"expected features of shape (frames, dim), got shape {features.shape}")
+    if len(features) < n_clusters:
+        raise ValueError(f"cannot fit {n_clusters} clusters on {len(features)} frames: need at least as many frames")
+    model = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, **{**FAIRSEQ_KMEANS_OPTIONS, **opts})
+    model.fit(features)
+    # compute_labels=False leaves inertia_ unset; fairseq logs the per-frame inertia the same way.
+    logger.info("k-means: %d clusters on %d frames, inertia per frame %.4f",
+                n_clusters, len(features), -model.score(features) / len(features))
+    return model
+
+
+def save_kmeans(model: MiniBatchKMeans, path: str | Path) -> None:
+    """Write `model` with joblib, atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            joblib.dump(model, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_kmeans(path: str | Path) -> MiniBatchKMeans:
+    """Load a joblib k-means file (ours, fairseq's, or a released `*_km1000.bin`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such k-means file")
+    model = joblib.load(path)
+    if not hasattr(model, "cluster_centers_"):
+        raise ValueError(f"{path}: expected a fitted scikit-learn k-means model, found {type(model).__name__}")
+    return model
+
+
+class KmeansLabeler:
+    """Nearest-centroid labels with precomputed centroids (fairseq's ApplyKmeans, in numpy, batched)."""
+
+    def __init__(self, model: MiniBatchKMeans | str | Path, batch_size: int = 65536):
+        if isinstance(model, (str, Path)):
+            model = load_kmeans(model)
+        self.centers_t = np.ascontiguousarray(model.cluster_centers_.T)  # (dim, K)
+        self.centers_norm = (self.centers_t ** 2).sum(0, keepdims=True)  # (1, K)
+        self.batch_size = batch_size
+
+    @property
+    def n_clusters(self) -> int:
+        return self.centers_t.shape[1]
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        """Labels of (frames, dim) features: (frames,) int64 in [0, K)."""
+        x = np.asarray(features, dtype=self.centers_t.dtype)
+        if x.ndim != 2 or x.shape[1] != self.centers_t.shape[0]:
+            raise ValueError(f"expected features of shape (frames, {self.centers_t.shape[0]}), got shape {x.shape}")
+        labels = np.empty(len(x), dtype=np.int64)
+        for start in range(0, len(x), self.batch_size):
+            batch = x[start:start + self.batch_size]
+            # |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every centre, so it does not change the argmin.
+            dist = self.centers_norm - 2 * batch @ self.centers_t  # (B, K)
+            labels[start:start + len(batch)] = dist.argmin(axis=1)
+        return labels
