@@ -2,12 +2,15 @@
 
 One step is forward, next-token cross-entropy (mean over tokens), backward, `AdamW.step` and `zero_grad`.
 Both models hold the same weights and see the same random batch; their steps are timed alternately
-(ours, HF, ours, HF, ...) so that drift on a shared machine hits both alike, and the median step time is
-reported as tokens per second, in fp32 and under bf16 autocast.
+(ours, HF, HF, ours, ...) so that drift on a shared machine and the order within a pair hit both alike, and
+the median step time is reported as tokens per second, in fp32 and under bf16 autocast.
 
-Read `ratio ours/HF: Z` as our tokens/s over HF's: above 1 ours is faster, below 1 slower.
+Read `ratio ours/HF: Z` as our tokens/s over HF's: above 1 ours is faster, below 1 slower. On a busy machine
+a few steps can land in a burst of other load; then the s/step ranges are wide and the median ratio swings.
+On a CPU the process's CPU seconds per step hardly change under such load: their ratio (HF's over ours,
+so again above 1 means ours is faster) is the steadier guide there.
 
-    python benchmarks/train_step.py [--steps 3] [--warmup 1] [--device cpu] [--modes fp32,bf16]
+    python benchmarks/train_step.py [--steps 4] [--warmup 2] [--device cpu] [--modes fp32,bf16]
 """
 from __future__ import annotations
 
@@ -61,15 +64,15 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, pad: int) -> torch.Tenso
 
 
 def make_step(model, forward, opt, tokens, target, pad, autocast, sync):
-    def step() -> tuple[float, float]:
-        t0 = time.perf_counter()
+    def step() -> tuple[float, float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast():
             loss = loss_fn(forward(model, tokens), target, pad)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        return time.perf_counter() - t0, loss.item()
+        return time.perf_counter() - t0, time.process_time() - c0, loss.item()
     return step
 
 
@@ -85,14 +88,17 @@ def machine(device: torch.device) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model and mode")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model and mode")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per model and mode (even: balances the order)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model and mode")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--modes", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the token batch")
     args = p.parse_args()
+    modes = args.modes.split(",")
+    if bad := set(modes) - {"fp32", "bf16"}:
+        p.error(f"unknown mode(s) {sorted(bad)} in --modes; expected fp32 and/or bf16")
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
@@ -108,9 +114,7 @@ def main() -> None:
     print(f"shape: {LAYERS} layers, width {DIM}, ffn {FFN}, {HEADS} heads, {KV_HEADS} kv heads, vocab {VOCAB}, "
           f"batch {args.batch} x seq {args.seq} = {ntok} tokens/step; warmup {args.warmup}, steps {args.steps}")
 
-    for mode in args.modes.split(","):
-        if mode not in ("fp32", "bf16"):
-            p.error(f"unknown mode {mode!r}; expected fp32 or bf16")
+    for mode in modes:
         # fresh models per mode, so AdamW state and weights start equal on both sides
         torch.manual_seed(args.seed)
         ours = build_ours(vocab, args.seq).to(device).train()
@@ -125,20 +129,27 @@ def main() -> None:
             "HF": make_step(hf, lambda m, x: m(input_ids=x, use_cache=False).logits,
                             torch.optim.AdamW(hf.parameters(), lr=1e-4), tokens, target, pad, autocast, sync),
         }
-        times = {name: [] for name in steps}
+        times, cpu = {name: [] for name in steps}, {name: [] for name in steps}
         losses = {}
         for i in range(args.warmup + args.steps):
-            for name, step in steps.items():  # interleaved: ours, HF, ours, HF, ...
-                dt, loss = step()
+            # interleaved, the order flipped every repetition (ours, HF, HF, ours, ...): the step that runs first
+            # in a pair measured a few percent slower here, whichever model it was
+            for name, step in (list(steps.items()) if (i - args.warmup) % 2 == 0 else reversed(steps.items())):
+                dt, dc, loss = step()
                 losses.setdefault(name, loss)  # first step: same weights, same batch -> same loss
                 if i >= args.warmup:
                     times[name].append(dt)
+                    cpu[name].append(dc)
         rate = {name: ntok / statistics.median(t) for name, t in times.items()}
         print(f"{mode}  first-step loss  ours: {losses['ours']:.4f}  HF: {losses['HF']:.4f}")
         # the s/step range shows how noisy the machine was: a wide one calls for more --steps
         print(f"{mode}  " + "  ".join(f"{name}: {rate[name]:,.0f} tok/s (median {statistics.median(t):.2f} s/step, "
                                       f"range {min(t):.2f}-{max(t):.2f})" for name, t in times.items()))
         print(f"ratio ours/HF: {rate['ours'] / rate['HF']:.3f}")
+        if device.type == "cpu":
+            c = {name: statistics.median(t) for name, t in cpu.items()}
+            print(f"{mode}  CPU s/step  ours: {c['ours']:.2f}  HF: {c['HF']:.2f}  "
+                  f"CPU-time ratio HF/ours: {c['HF'] / c['ours']:.3f}")
         del ours, hf, steps
 
 

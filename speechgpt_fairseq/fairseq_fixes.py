@@ -83,6 +83,37 @@ def _allow_fairseq_checkpoint_globals() -> None:
     torch.serialization.add_safe_globals(fairseq_checkpoint_safe_globals())
 
 
+def _atomic_copies() -> None:
+    """fairseq writes checkpoint_last.pt / checkpoint_best.pt as plain copies of the checkpoint it just saved;
+    a kill during the copy leaves a truncated checkpoint_last.pt and the run cannot resume. Local copies now
+    go to a temporary file that is renamed into place."""
+    import os
+    import shutil
+
+    from fairseq.file_io import PathManager
+
+    original = PathManager.copy
+    if getattr(original, "atomic", False):
+        return
+
+    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if "://" in str(dst_path):  # remote storage: leave it to iopath
+            return original(src_path, dst_path, overwrite)
+        if os.path.exists(dst_path) and not overwrite:
+            return False
+        tmp = f"{dst_path}.{os.getpid()}.tmp"
+        try:
+            shutil.copyfile(src_path, tmp)
+            os.replace(tmp, dst_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return True
+
+    copy.atomic = True
+    PathManager.copy = staticmethod(copy)
+
+
 def apply() -> None:
     """Apply every fix once; importing `speechgpt_fairseq` calls this."""
     global _applied
@@ -91,4 +122,5 @@ def apply() -> None:
     _restore_np_compat_long()
     _keep_last_batch()
     _allow_fairseq_checkpoint_globals()
+    _atomic_copies()
     _applied = True

@@ -126,3 +126,27 @@ def test_allow_list_is_not_everything(tmp_path):
     torch.save({"x": NotAllowed()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="weights_only"):
         torch.load(tmp_path / "evil.pt")
+
+
+def test_checkpoint_copies_are_atomic(tmp_path, monkeypatch):
+    """A copy that dies midway (a kill while checkpoint_last.pt is written) leaves the old file intact."""
+    import shutil
+
+    from fairseq.file_io import PathManager
+
+    src, dst = tmp_path / "checkpoint_7_400.pt", tmp_path / "checkpoint_last.pt"
+    src.write_bytes(b"new" * 1000)
+    dst.write_bytes(b"old checkpoint")
+
+    def dies_midway(a, b):
+        with open(b, "wb") as f:
+            f.write(b"ne")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        PathManager.copy(str(src), str(dst), overwrite=True)
+    assert dst.read_bytes() == b"old checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_7_400.pt", "checkpoint_last.pt"]
+    monkeypatch.undo()
+    assert PathManager.copy(str(src), str(dst), overwrite=True) and dst.read_bytes() == src.read_bytes()

@@ -1,0 +1,58 @@
+"""The command-line surface and the registered names are frozen here: a rename is a deliberate change."""
+import pytest
+
+import speechgpt_fairseq  # noqa: F401
+from speechgpt_fairseq.cli.main import VERBS, build_parser
+
+
+def test_verbs():
+    assert sorted(VERBS) == ["convert-hf", "export-hf", "prepare-units"]
+
+
+def test_registered_fairseq_names():
+    from fairseq.criterions import CRITERION_REGISTRY
+    from fairseq.models import MODEL_REGISTRY
+    from fairseq.tasks import TASK_REGISTRY
+
+    assert TASK_REGISTRY["unit_lm"].__name__ == "UnitLMTask"
+    assert MODEL_REGISTRY["speechgpt_llama"].__name__ == "SpeechGPTLlamaModel"
+    assert CRITERION_REGISTRY["speechgpt_cross_entropy"].__name__ == "SpeechGPTCrossEntropyCriterion"
+
+
+@pytest.mark.parametrize("verb,options", [
+    ("convert-hf", {"--num-units", "--overwrite"}),
+    ("export-hf", {"--max-shard-size", "--overwrite"}),
+    ("prepare-units", {"--out", "--vocab", "--num-units", "--open", "--no-progress"}),
+])
+def test_verb_options(verb, options):
+    sub = build_parser()._subparsers._group_actions[0].choices[verb]
+    assert {s for a in sub._actions for s in a.option_strings if s.startswith("--")} - {"--help"} == options
+    assert sub.description  # every verb is documented in its --help
+
+
+def test_help_lists_every_verb(cli):
+    out = cli("speechgpt", "--help").stdout
+    for verb in VERBS:
+        assert verb in out
+
+
+def test_errors_go_to_stderr_with_status_1(cli, tmp_path):
+    run = cli("speechgpt", "convert-hf", tmp_path / "missing", tmp_path / "out", check=False)
+    assert run.returncode == 1
+    assert run.stderr.strip().endswith(f"speechgpt convert-hf: error: {tmp_path / 'missing'}: no such directory "
+                                       f"(expected a Hugging Face LlamaForCausalLM directory)")
+    run = cli("speechgpt", "prepare-units", "train", "--out", tmp_path / "o", check=False)
+    assert run.returncode == 1 and "'train': expected SPLIT=FILE" in run.stderr
+
+
+def test_user_dir_shim_registers_everything(cli, tmp_path):
+    from pathlib import Path
+
+    user_dir = Path(__file__).resolve().parents[2] / "user_dir"
+    code = ("import argparse; from fairseq import utils; "
+            f"utils.import_user_module(argparse.Namespace(user_dir={str(user_dir)!r})); "
+            "from fairseq.tasks import TASK_REGISTRY; print('unit_lm' in TASK_REGISTRY)")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.strip().endswith("True"), out.stderr

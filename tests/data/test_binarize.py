@@ -1,0 +1,120 @@
+"""prepare-units: both unit formats, fairseq-readable output, counted skips, clear errors, nothing partial."""
+import tracemalloc
+
+import numpy as np
+import pytest
+from fairseq.data import MMapIndexedDataset
+
+from speechgpt_fairseq.data.binarize import (BinarizeError, IndexedDatasetWriter, SplitStats, prepare_units,
+                                             write_split)
+from speechgpt_fairseq.data.vocabulary import Vocabulary
+
+
+@pytest.fixture
+def vocab():
+    return Vocabulary.units_only(50)
+
+
+def ids(vocab, units, closed=True):
+    v = vocab
+    return [v.index["<sosp>"], *(v.unit_id(u) for u in units), *([v.index["<eosp>"]] if closed else [])]
+
+
+def read(prefix):
+    ds = MMapIndexedDataset(str(prefix))
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def test_both_formats_give_the_same_records(vocab, tmp_path):
+    (tmp_path / "a.km").write_text("1 2 3\n\n49 0\n")
+    (tmp_path / "b.txt").write_text("<sosp><1><2><3><eosp>\n  \n<sosp> <49> <0> <eosp>\n")
+    stats = prepare_units({"km": tmp_path / "a.km", "sg": tmp_path / "b.txt"}, tmp_path / "out", vocab,
+                          show_progress=False)
+    assert read(tmp_path / "out" / "km") == read(tmp_path / "out" / "sg") == [ids(vocab, [1, 2, 3]),
+                                                                              ids(vocab, [49, 0])]
+    assert [(s.records, s.skipped) for s in stats] == [(2, {"empty line": 1}), (2, {"empty line": 1})]
+    assert Vocabulary.load(tmp_path / "out") == vocab
+
+
+def test_prompts_stay_open(vocab, tmp_path):
+    (tmp_path / "p.km").write_text("4 5\n")
+    (tmp_path / "q.txt").write_text("<sosp><4><5>\n")
+    prepare_units({"p": tmp_path / "p.km", "q": tmp_path / "q.txt"}, tmp_path / "out", vocab, open_splits=["p"],
+                  show_progress=False)
+    assert read(tmp_path / "out" / "p") == read(tmp_path / "out" / "q") == [ids(vocab, [4, 5], closed=False)]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("1 2\n3 50 4\n", r"a.txt:2: unit 50 is out of range: the vocabulary has 50 units"),
+    ("1 2\n3 x 4\n", r"a.txt:2: expected space-separated unit ids"),
+    ("<sosp><1><eosp>\n<sosp><1><sil><eosp>\n", r"a.txt:2: unknown token '<sil>' in a unit string"),
+    ("<sosp><1><eosp>\nhello <1>\n", r"a.txt:2: expected a unit token like <12>, found 'hello <1>'"),
+    ("<sosp><1><eosp>\n<1><2><eosp>\n", r"a.txt:2: a unit string starts with <sosp>"),
+    ("<sosp><1><eosp>\n<sosp><1><eosp><2>\n", r"a.txt:2: unknown token '<eosp>'"),
+    ("\n\n", r"a.txt: no utterances"),
+])
+def test_bad_lines_name_file_and_line_and_leave_nothing(vocab, tmp_path, content, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.bin").write_bytes(b"earlier output")
+    (tmp_path / "a.txt").write_text(content)
+    (tmp_path / "ok.km").write_text("1 2 3\n")
+    with pytest.raises(BinarizeError, match=message):
+        prepare_units({"valid": tmp_path / "ok.km", "train": tmp_path / "a.txt"}, out, vocab, show_progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["train.bin"]  # no partial split, no vocab, no scratch
+    assert (out / "train.bin").read_bytes() == b"earlier output"
+
+
+def test_missing_input_is_named(vocab, tmp_path):
+    with pytest.raises(BinarizeError, match="nope.km: no such file"):
+        prepare_units({"train": tmp_path / "nope.km"}, tmp_path / "out", vocab, show_progress=False)
+
+
+def test_writer_streams_in_flat_memory(tmp_path):
+    """300k utterances of 60 tokens (36 MB of ids) pass through the writer in a few MB."""
+    n, length = 300_000, 60
+
+    def records():
+        rng = np.random.default_rng(0)
+        for _ in range(n):
+            yield rng.integers(0, 109, length).tolist()
+
+    tracemalloc.start()
+    write_split(records(), tmp_path / "big", Vocabulary.units_only(100), SplitStats("gen"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    ds = MMapIndexedDataset(str(tmp_path / "big"))
+    assert len(ds) == n and int(ds.sizes.sum()) == n * length
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MB"
+
+
+def test_writer_matches_fairseq_builder(tmp_path):
+    from fairseq.data.indexed_dataset import MMapIndexedDatasetBuilder
+
+    rng = np.random.default_rng(1)
+    recs = [rng.integers(0, 33006, rng.integers(1, 40)).tolist() for _ in range(500)]
+    w = IndexedDatasetWriter(tmp_path / "ours", 33006)
+    for r in recs:
+        w.add(r)
+    w.close()
+    import torch
+    b = MMapIndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
+    for r in recs:
+        b.add_item(torch.tensor(r))
+    b.finalize(str(tmp_path / "theirs.idx"))
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"theirs.{ext}").read_bytes()
+
+
+def test_shipped_stage1_data_is_what_prepare_units_makes(cli, tmp_path):
+    """examples/stage1/data-bin is generated from examples/stage1/corpus; it must never go stale."""
+    from pathlib import Path
+
+    stage1 = Path(__file__).resolve().parents[2] / "examples" / "stage1"
+    corpus = stage1 / "corpus"
+    cli("speechgpt", "prepare-units", f"train={corpus / 'train.km'}", f"valid={corpus / 'valid.km'}",
+        f"test={corpus / 'test.txt'}", "--num-units", "100", "--out", tmp_path, "--no-progress")
+    shipped = sorted(p.name for p in (stage1 / "data-bin").iterdir())
+    assert shipped == sorted(p.name for p in tmp_path.iterdir())
+    for name in shipped:
+        assert (stage1 / "data-bin" / name).read_bytes() == (tmp_path / name).read_bytes(), name
