@@ -150,7 +150,9 @@ def iter_hf_weights(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
             files = [single]
         else:
             continue
-        for name in files:
+        from tqdm import tqdm
+
+        for name in tqdm(files, desc=f"reading {hf_dir.name}", unit=" file", disable=len(files) == 1):
             yield from _load_weight_file(hf_dir / name)
         return
     raise HFCheckpointError(f"{hf_dir}: no weights found; expected model.safetensors or pytorch_model.bin "

@@ -227,7 +227,9 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
             prompt, self._pending_prompt = self._pending_prompt, None
             if prompt is not None and prompt.numel():
                 prompt = prompt.repeat_interleave(tokens.size(0) // prompt.size(0), dim=0)
-                common = int(prompt.ne(self.dictionary.pad()).sum(1).min())  # prompt length all rows share
+                # forced positions all rows share: fairseq forces every non-pad prompt token, so stop at the
+                # first pad of any row (padding, or a genuine <unk> where pad is unk)
+                common = int(prompt.ne(self.dictionary.pad()).cumprod(1).sum(1).min())
                 if common > 0:
                     # positions 0..common in one pass; steps up to `common` read their hidden state from here
                     cache["prefill"] = self._run(torch.cat([tokens[:, :1], prompt[:, :common]], 1), 0, cache)

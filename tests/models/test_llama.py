@@ -137,3 +137,11 @@ def test_checkpoint_of_another_shape_is_refused():
     b = SpeechGPTLlamaModel.build_model(cfg, _Task(Vocabulary.units_only(40)))
     with pytest.raises(ModelConfigError, match="does not fit the configured model"):
         b.load_state_dict(a.state_dict())
+
+
+def test_prompt_with_a_pad_id_inside_matches_fairseq_stepwise():
+    """LLaMA's pad is <unk>: fairseq does not force a prompt position holding it, so prefill stops there."""
+    model = build()
+    pad = model.decoder.dictionary.pad()
+    prompts = [[43, 5, pad, 7, 8], [43, 9, 10, 11]]
+    assert _generate(model, prompts, PromptPrefillGenerator, pad) == _generate(model, prompts, SequenceGenerator, pad)

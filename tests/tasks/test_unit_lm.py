@@ -117,3 +117,18 @@ def test_generation_needs_whole_utterances(cli, tmp_path):
     assert bad.returncode != 0 and "--sample-break-mode eos" in bad.stderr
     good = cli("fairseq-generate", *common, "--sample-break-mode", "eos", cwd=tmp_path).stdout
     assert len([line for line in good.splitlines() if line.startswith("H-")]) == 50
+
+
+def test_bf16_training_and_export(cli, tmp_path):
+    """common.bf16=true trains the model in bf16 (fairseq keeps fp32 master weights and saves the bf16 model's
+    values as fp32); export-hf's directory loads as a bf16 Hugging Face model with the same values."""
+    from transformers import LlamaForCausalLM
+
+    run = train(cli, tmp_path, "common.bf16=true", "optimization.max_update=6", "dataset.validate_interval_updates=6")
+    assert len(valid_losses(run.stdout + run.stderr)) == 1
+    ckpt = tmp_path / "checkpoints" / "stage1-tiny" / "checkpoint_last.pt"
+    weight = _params(ckpt)["decoder.embed_tokens.weight"]
+    assert torch.equal(weight, weight.bfloat16().float())  # the values of a bf16 model
+    cli("speechgpt", "export-hf", ckpt, tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    assert torch.equal(hf.model.embed_tokens.weight.float(), weight)
