@@ -10,7 +10,6 @@ import os
 import shutil
 import struct
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -18,6 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from fairseq.data.indexed_dataset import MMapIndexedDataset, _dtype_header_code, best_fitting_int_dtype
 
+from speechgpt_fairseq.atomic_files import atomic_files_into
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
 from speechgpt_fairseq.speech.units import (EOSP, SOSP, UnitFormatError, detect_unit_format, parse_kmeans_labels,
                                             parse_unit_string)
@@ -79,20 +79,6 @@ class IndexedDatasetWriter:
     def abort(self) -> None:
         for f in (self._bin, self._sizes):
             f.close()
-
-
-@contextmanager
-def atomic_output_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a scratch directory; on success its files replace those of the same name in `out`, else it is removed."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out, prefix=".incomplete-"))
-    try:
-        yield scratch
-        for item in sorted(scratch.iterdir()):
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @dataclass
@@ -163,7 +149,7 @@ def prepare_units(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabul
     if unknown:
         raise BinarizeError(f"--open names splits that are not given: {sorted(unknown)}")
     results = []
-    with atomic_output_dir(out) as scratch:
+    with atomic_files_into(out) as scratch:
         vocab.save(scratch / VOCAB_FILE)
         for name, path in splits.items():
             if not Path(path).is_file():

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from fairseq.data import Dictionary
 
+from speechgpt_fairseq.atomic_files import atomic_file
+
 SPEECHGPT_TOKENS = ("<sosp>", "<eosp>", "[Human]", "[SpeechGPT]", "<eoh>", "<eos>")
 VOCAB_FILE = "vocab.json"
 _FORMAT = "speechgpt-fairseq-vocab/1"
@@ -132,15 +134,8 @@ class Vocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as JSON, atomically."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
@@ -235,7 +230,7 @@ class TextEncoder:
     def encode(self, text: str) -> list[int]:
         if self.hf_tokenizer is not None:
             return self.hf_tokenizer.encode(text, add_special_tokens=False).ids
-        index, ids, pos, start = self.vocab.index, [], 0, 0
+        index, ids, start = self.vocab.index, [], 0
         for m in self._split.finditer(text):
             token_id = index.get(m.group())
             if token_id is None:  # e.g. <1234> with K=1000: plain text, as HF treats it

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +20,7 @@ from typing import Iterator
 import torch
 from omegaconf import OmegaConf
 
+from speechgpt_fairseq.atomic_files import atomic_dir
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, validate_config
 
@@ -282,28 +281,6 @@ def load_fairseq_checkpoint(path: Path) -> dict:
         raise HFCheckpointError(f"{path}: not a loadable fairseq checkpoint ({e})") from None
 
 
-# ---- output directories ------------------------------------------------------------------------------
-@contextmanager
-def new_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A scratch directory that becomes `out` only if everything was written; an existing `out` is kept
-    unless `overwrite`."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise HFCheckpointError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.incomplete-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(scratch, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become OUT's mode
-    try:
-        yield scratch
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(scratch, out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 # ---- the two verbs ----------------------------------------------------------------------------------
 def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, num_units: int | None = None,
                overwrite: bool = False) -> Path:
@@ -313,7 +290,7 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, num_units: int
     vocab = Vocabulary.from_tokenizer(hf_dir, num_units)
     model_cfg = model_config_from_hf(config)
     state = fairseq_state_from_hf(hf_dir, model_cfg, vocab)
-    with new_output_dir(out, overwrite) as scratch:
+    with atomic_dir(out, overwrite) as scratch:
         vocab.save(scratch / VOCAB_FILE)
         torch.save(fairseq_checkpoint(state, model_cfg, vocab, data=str(out.resolve())), scratch / "checkpoint.pt")
         model_yaml = {**OmegaConf.to_container(OmegaConf.structured(model_cfg)), "_name": "speechgpt_llama"}
@@ -343,7 +320,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
     vocab = Vocabulary.from_dict(vocab_dict, source=checkpoint)
     tensors = {fairseq_to_hf_name(k): v.contiguous() for k, v in state["model"].items() if k != "decoder.vocab_digest"}
     dtype = next(iter(tensors.values())).dtype
-    with new_output_dir(out, overwrite) as scratch:
+    with atomic_dir(out, overwrite) as scratch:
         _save_sharded(tensors, scratch, max_shard_bytes, save_file)
         (scratch / "config.json").write_text(json.dumps(hf_config_from_model(model_cfg, vocab, dtype), indent=2))
         (scratch / "generation_config.json").write_text(json.dumps(

@@ -6,13 +6,13 @@ released SpeechGPT/mHuBERT `*_km1000.bin` files.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import joblib
 import numpy as np
 from sklearn.cluster import MiniBatchKMeans
+
+from speechgpt_fairseq.atomic_files import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +48,8 @@ def save_kmeans(model: MiniBatchKMeans, path: str | Path) -> None:
     """Write `model` with joblib, atomically: a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            joblib.dump(model, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        joblib.dump(model, f)
 
 
 def load_kmeans(path: str | Path) -> MiniBatchKMeans:

@@ -9,6 +9,7 @@ from fairseq import checkpoint_utils
 from safetensors.torch import load_file
 
 import speechgpt_fairseq  # noqa: F401
+from speechgpt_fairseq.atomic_files import OutputExistsError
 from speechgpt_fairseq.data.vocabulary import Vocabulary
 from speechgpt_fairseq.models.hf import HFCheckpointError, convert_hf, export_hf
 
@@ -187,7 +188,7 @@ def test_existing_output_is_not_overwritten(make_hf_llama, sentencepiece_model, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(HFCheckpointError, match="exists and is not empty"):
+    with pytest.raises(OutputExistsError, match="exists and is not empty"):
         convert_hf(make_hf_llama(tmp_path / "hf", sentencepiece_model), out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
