@@ -92,6 +92,8 @@ def _atomic_copies() -> None:
 
     from fairseq.file_io import PathManager
 
+    from speechgpt_fairseq.atomic_files import atomic_file
+
     original = PathManager.copy
     if getattr(original, "atomic", False):
         return
@@ -101,13 +103,8 @@ def _atomic_copies() -> None:
             return original(src_path, dst_path, overwrite)
         if os.path.exists(dst_path) and not overwrite:
             return False
-        tmp = f"{dst_path}.{os.getpid()}.tmp"
-        try:
+        with atomic_file(dst_path) as tmp:
             shutil.copyfile(src_path, tmp)
-            os.replace(tmp, dst_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return True
 
     copy.atomic = True
