@@ -78,9 +78,16 @@ class Rotary(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        """Tables for positions [start, start + length): (T, D)."""
         if start + length > self.cos.size(0):
             self._build(2 * (start + length))
         return self.cos[start:start + length], self.sin[start:start + length]
+
+    def at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Tables for per-token positions (B, T): (B, 1, T, D), broadcast over heads."""
+        if int(positions.max()) >= self.cos.size(0):
+            self._build(2 * (int(positions.max()) + 1))
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -101,19 +108,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: dict | None = None, layer: int = 0,
-                start: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: dict | None = None,
+                layer: int = 0, start: int = 0) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        causal = True
+        causal = mask is None
         if cache is not None:
             k, v = _cache_write(cache, layer, k, v, start)  # (B, Hkv, start + T, D)
             causal = T > 1  # a single new token sees the whole cache
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -154,10 +162,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.decoder_embed_dim, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: dict | None = None, layer: int = 0,
-                start: int = 0) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: dict | None = None,
+                layer: int = 0, start: int = 0) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def positions_within_examples(example_ids: Tensor) -> Tensor:
+    """(B, T) example index of each token -> its position inside its example (0 at each example's start)."""
+    idx = torch.arange(example_ids.size(1), device=example_ids.device).expand_as(example_ids)
+    starts = torch.ones_like(example_ids, dtype=torch.bool)
+    starts[:, 1:] = example_ids[:, 1:] != example_ids[:, :-1]
+    return idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
 
 
 class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
@@ -183,26 +199,35 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
 
     # ---- full sequences (training, scoring) -------------------------------------------------
     def forward(self, prev_output_tokens: Tensor, src_lengths=None, encoder_out=None, incremental_state=None,
-                features_only: bool = False, **unused):
+                features_only: bool = False, example_ids: Tensor | None = None, **unused):
+        """Logits (B, T, V). `example_ids` (B, T) marks packed rows: tokens attend, and count positions, only
+        within their own example."""
         if incremental_state is None:
-            h = self.extract_features(prev_output_tokens)
+            h = self.extract_features(prev_output_tokens, example_ids=example_ids)
         else:
             h = self._decode_step(prev_output_tokens, incremental_state)
         return (h if features_only else self.output_layer(h)), {"attn": None}
 
-    def extract_features(self, tokens: Tensor, encoder_out=None, **unused) -> Tensor:
-        return self._run(tokens, start=0, cache=None)
+    def extract_features(self, tokens: Tensor, encoder_out=None, example_ids: Tensor | None = None,
+                         **unused) -> Tensor:
+        return self._run(tokens, start=0, cache=None, example_ids=example_ids)
 
-    def _run(self, tokens: Tensor, start: int, cache: dict | None) -> Tensor:
+    def _run(self, tokens: Tensor, start: int, cache: dict | None, example_ids: Tensor | None = None) -> Tensor:
         """Hidden states after the final norm for `tokens` at positions [start, start + T)."""
         x = self.embed_tokens(tokens)  # (B, T, C)
-        cos, sin = self.rotary(start, tokens.size(1))
+        mask = None
+        if example_ids is None:
+            cos, sin = self.rotary(start, tokens.size(1))
+        else:
+            cos, sin = self.rotary.at(positions_within_examples(example_ids))
+            same = example_ids.unsqueeze(2) == example_ids.unsqueeze(1)  # (B, T, T)
+            mask = (same & torch.ones_like(same[0]).tril()).unsqueeze(1)  # (B, 1, T, T), causal per example
         recompute = self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if recompute:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, i, start)
+                x = layer(x, cos, sin, mask, cache, i, start)
         return self.norm(x)
 
     def output_layer(self, features: Tensor) -> Tensor:

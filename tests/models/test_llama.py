@@ -145,3 +145,14 @@ def test_prompt_with_a_pad_id_inside_matches_fairseq_stepwise():
     pad = model.decoder.dictionary.pad()
     prompts = [[43, 5, pad, 7, 8], [43, 9, 10, 11]]
     assert _generate(model, prompts, PromptPrefillGenerator, pad) == _generate(model, prompts, SequenceGenerator, pad)
+
+
+def test_packed_rows_equal_examples_run_alone():
+    """Examples packed into one row with example_ids give the logits each has on its own."""
+    model = build(kv_heads=2)
+    examples = [torch.randint(3, 49, (n,)) for n in (5, 9, 3)]
+    row = torch.cat(examples).unsqueeze(0)
+    ids = torch.cat([torch.full((len(e),), i) for i, e in enumerate(examples)]).unsqueeze(0)
+    packed, _ = model(row, example_ids=ids)
+    alone = torch.cat([model(e.unsqueeze(0))[0] for e in examples], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
