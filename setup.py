@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["speechgpt_fairseq", "speechgpt_fairseq.*"]),
-    package_data={"speechgpt_fairseq": ["presets/model/*.yaml"]},
+    package_data={"speechgpt_fairseq": ["presets/model/*.yaml", "data/templates/*.txt"]},
     # torch and fairseq-fixed are installed by scripts/install.sh (torch's build depends on the machine;
     # fairseq-fixed must be built without build isolation and without its torchaudio requirement).
     install_requires=[

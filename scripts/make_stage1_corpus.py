@@ -196,8 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     units = [dedup_units(labeler(f).tolist()) for f in feats]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in ("train", "valid"):
+    for name in ("train", "valid", "test"):
         (args.out / f"{name}.km").write_text("".join(format_kmeans_labels(units[i]) + "\n" for i in splits[name]))
+        (args.out / f"{name}.wrd").write_text("".join(sentences[i] + "\n" for i in splits[name]))
     prompts = [units[i][:max(1, round(PROMPT_FRACTION * len(units[i])))] for i in splits["test"]]
     (args.out / "test.txt").write_text("".join(format_unit_string(p, closed=False) + "\n" for p in prompts))
     if args.save_kmeans:
@@ -259,8 +260,10 @@ Tools: {versions}.
 
 ## Files
 
-- `train.km`, `valid.km`: fairseq k-means label format, one utterance per line, space-separated unit
-  ids in [0, {args.num_units}); {counts['train']} and {counts['valid']} lines.
+- `train.km`, `valid.km`, `test.km`: fairseq k-means label format, one utterance per line, space-separated
+  unit ids in [0, {args.num_units}); {counts['train']}, {counts['valid']} and {counts['test']} lines.
+- `train.wrd`, `valid.wrd`, `test.wrd`: the sentence each utterance speaks, line-aligned with the `.km` files
+  ((speech, transcript) pairs for stage 2).
 - `test.txt`: {counts['test']} prompts for generation, SpeechGPT unit strings without the closing
   `<eosp>`: `<sosp>` followed by the first {PROMPT_FRACTION:.0%} of a held-out utterance's units
   ({stats['prompt_units']:.1f} units on average), e.g. `<sosp><12><7><31>`.

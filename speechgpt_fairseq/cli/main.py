@@ -5,12 +5,17 @@ import argparse
 import logging
 import sys
 
-from speechgpt_fairseq.cli import checkpoints, units
+from speechgpt_fairseq.cli import builders, checkpoints, instructions, units
 
 VERBS = {
+    "build-com": builders.BuildCoM,
+    "build-cross-modal": builders.BuildCrossModal,
     "convert-hf": checkpoints.ConvertHF,
     "export-hf": checkpoints.ExportHF,
+    "import-peft": checkpoints.ImportPEFT,
     "prepare-units": units.PrepareUnits,
+    "prepare-sft": instructions.PrepareSFT,
+    "score": instructions.Score,
 }
 
 

@@ -22,6 +22,19 @@ def load_vocabulary(spec: str | None, num_units: int | None) -> Vocabulary:
     return Vocabulary.from_tokenizer(path, num_units)
 
 
+def parse_splits(specs: list[str]) -> dict[str, str]:
+    """["train=a.km", ...] -> {"train": "a.km", ...}."""
+    splits = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise BinarizeError(f"{spec!r}: expected SPLIT=FILE, e.g. train=data/train.km")
+        if name in splits:
+            raise BinarizeError(f"split {name!r} is given twice")
+        splits[name] = path
+    return splits
+
+
 class PrepareUnits:
     """Binarize unit files (fairseq k-means labels, or SpeechGPT unit strings `<sosp><12><7>…<eosp>`, one
     utterance per line) into fairseq memory-mapped datasets: OUT/SPLIT.bin and .idx, plus OUT/vocab.json.
@@ -44,16 +57,8 @@ class PrepareUnits:
 
     @staticmethod
     def run(args) -> None:
-        splits = {}
-        for spec in args.splits:
-            name, sep, path = spec.partition("=")
-            if not sep or not name or not path:
-                raise BinarizeError(f"{spec!r}: expected SPLIT=FILE, e.g. train=data/train.km")
-            if name in splits:
-                raise BinarizeError(f"split {name!r} is given twice")
-            splits[name] = path
         vocab = load_vocabulary(args.vocab, args.num_units)
-        for stats in prepare_units(splits, args.out, vocab, open_splits=args.open,
+        for stats in prepare_units(parse_splits(args.splits), args.out, vocab, open_splits=args.open,
                                    show_progress=not args.no_progress):
             skipped = ", ".join(f"skipped {n}: {reason}" for reason, n in stats.skipped.items()) or "nothing skipped"
             print(f"{stats.path}: {stats.records} utterances, {stats.tokens} tokens ({skipped})")

@@ -123,20 +123,24 @@ def read_unit_lines(path: str | os.PathLike, vocab: Vocabulary, stats: SplitStat
             yield [sosp, *(vocab.unit_offset + u for u in units), *([eosp] if closed else [])]
 
 
-def write_split(records: Iterable[list[int]], prefix: str | os.PathLike, vocab: Vocabulary, stats: SplitStats,
-                progress=None) -> None:
-    """Write `records` to `prefix.bin/.idx`, updating `stats`."""
-    writer = IndexedDatasetWriter(prefix, len(vocab))
+def write_split(records: Iterable[tuple[list[int], ...]], channels: list[tuple[str | os.PathLike, int]],
+                stats: SplitStats, progress=None) -> None:
+    """Write records of parallel token lists, channel i of each record to `channels[i] = (prefix, vocab size)`
+    as `prefix.bin/.idx`, updating `stats` with the first channel's counts."""
+    writers = [IndexedDatasetWriter(prefix, size) for prefix, size in channels]
     try:
-        for ids in records:
-            writer.add(ids)
+        for record in records:
+            for writer, ids in zip(writers, record):
+                writer.add(ids)
             if progress is not None:
                 progress.update(1)
     except BaseException:
-        writer.abort()
+        for writer in writers:
+            writer.abort()
         raise
-    writer.close()
-    stats.records, stats.tokens = writer.num_records, writer.num_tokens
+    for writer in writers:
+        writer.close()
+    stats.records, stats.tokens = writers[0].num_records, writers[0].num_tokens
 
 
 def prepare_units(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabulary,
@@ -156,8 +160,8 @@ def prepare_units(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabul
                 raise BinarizeError(f"{path}: no such file (split {name!r})")
             stats = SplitStats(str(path))
             with tqdm(desc=f"{name} ({Path(path).name})", unit=" utt", disable=not show_progress) as bar:
-                write_split(read_unit_lines(path, vocab, stats, open_ended=name in open_splits),
-                            scratch / name, vocab, stats, progress=bar)
+                records = ((ids,) for ids in read_unit_lines(path, vocab, stats, open_ended=name in open_splits))
+                write_split(records, [(scratch / name, len(vocab))], stats, progress=bar)
             if stats.records == 0:
                 raise BinarizeError(f"{path}: no utterances (split {name!r})")
             results.append(stats)

@@ -181,12 +181,22 @@ class Vocabulary:
     def encoder(self) -> "TextEncoder":
         return TextEncoder(self)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of mixed text and unit strings, as Hugging Face's tokenizer gives them (no bos/eos)."""
-        return self.encoder.encode(text)
+    def encode(self, text: str, continuation: bool = False) -> list[int]:
+        """Token ids of mixed text and unit strings, as Hugging Face's tokenizer gives them (no bos/eos).
+
+        `continuation`: the text continues earlier text (a response after its prompt), so it is encoded as
+        it would be in the middle of a string: no leading sentencepiece "▁" is added.
+        """
+        return self.encoder.encode(text, continuation)
 
     def decode(self, ids) -> str:
         return self.encoder.decode(ids)
+
+    @cached_property
+    def token_texts(self) -> list[str]:
+        """The text each token stands for inside a string (leading space kept, byte tokens as characters):
+        what stop-text matching compares against."""
+        return [self.encoder.token_text(i) for i in range(len(self))]
 
 
 class SpeechGPTDictionary(Dictionary):
@@ -227,18 +237,22 @@ class TextEncoder:
         literal = sorted((s for s in specials if not _UNIT_RE.fullmatch(s)), key=len, reverse=True)
         self._split = re.compile("|".join([r"<\d+>"] + [re.escape(s) for s in literal]))
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, continuation: bool = False) -> list[int]:
         if self.hf_tokenizer is not None:
+            if continuation:  # text after an added token is encoded as inside a string; drop that token
+                return self.hf_tokenizer.encode(self.vocab.tokens[self.vocab.eos] + text,
+                                                add_special_tokens=False).ids[1:]
             return self.hf_tokenizer.encode(text, add_special_tokens=False).ids
         index, ids, start = self.vocab.index, [], 0
+        at_start = not continuation
         for m in self._split.finditer(text):
             token_id = index.get(m.group())
             if token_id is None:  # e.g. <1234> with K=1000: plain text, as HF treats it
                 continue
-            self._encode_text(text[start:m.start()], at_start=start == 0, out=ids)
+            self._encode_text(text[start:m.start()], at_start=at_start and start == 0, out=ids)
             ids.append(token_id)
             start = m.end()
-        self._encode_text(text[start:], at_start=start == 0, out=ids)
+        self._encode_text(text[start:], at_start=at_start and start == 0, out=ids)
         return ids
 
     def _encode_text(self, text: str, at_start: bool, out: list[int]) -> None:
@@ -250,6 +264,19 @@ class TextEncoder:
             return
         sp = self._sp_first if at_start and not text.startswith(" ") else self._sp_rest
         out.extend(sp.encode(text))
+
+    def token_text(self, i: int) -> str:
+        v = self.vocab
+        if i >= v.base_size or i in (v.bos, v.eos, v.pad, v.unk):
+            return v.tokens[i]
+        if self._sp_rest is not None:
+            if self._sp_rest.is_byte(i):
+                byte = int(v.tokens[i][3:-1], 16)
+                return chr(byte) if byte < 128 else ""
+            return v.tokens[i].replace("\u2581", " ")
+        if self.hf_tokenizer is not None:
+            return self.hf_tokenizer.decode([i], skip_special_tokens=False)
+        return v.tokens[i]
 
     def decode(self, ids) -> str:
         v = self.vocab

@@ -1,19 +1,87 @@
-"""fairseq's SequenceGenerator, with the forced prompt run through the decoder in one forward pass.
+"""fairseq's SequenceGenerator with two additions SpeechGPT needs.
 
-fairseq feeds a prompt (`prefix_tokens`) one token per step. Before generating, this generator hands the
-prompt to every decoder that accepts it (`set_pending_prompt`); the decoder then encodes all positions the
-batch's prompts share at the first step and serves the following prompt steps from that pass.
+- The forced prompt runs through the decoder in one forward pass. fairseq feeds a prompt (`prefix_tokens`) one
+  token per step; before generating, this generator hands the prompt to every decoder that accepts it
+  (`set_pending_prompt`), which encodes the positions the batch's prompts share at the first step.
+- Generation can stop at a text such as SpeechGPT's `<eoa>`, which is several tokens in SpeechGPT's
+  vocabulary: once a hypothesis' generated tokens end with it, the only continuation allowed is `</s>`.
+- The length limit (`--max-len-a`, `--max-len-b`) applies to each prompt with its own length, so a prompt
+  gets the same output alone or in a batch with longer ones.
 """
 from __future__ import annotations
 
-from fairseq.sequence_generator import SequenceGenerator
+import math
+
+import torch
+from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
+
+
+def right_padded_lengths(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Length of each right-padded row: up to its last non-pad token."""
+    real = x.ne(pad)
+    return torch.where(real.any(1), x.size(1) - real.flip(1).int().argmax(1), torch.zeros_like(real[:, 0], dtype=torch.long))
+
+
+class PromptEnsemble(EnsembleModel):
+    """fairseq's ensemble wrapper, ending each hypothesis on its own terms: `</s>` is forced once its generated
+    text ends with `stop_text`, or once it reaches its length limit, computed from its own prompt length
+    rather than from the batch's longest (so that a prompt gets the same output in any batch)."""
+
+    def __init__(self, models, dictionary, stop_text: str | None):
+        super().__init__(models)
+        self.stop_text, self.eos = stop_text, dictionary.eos()
+        vocab = getattr(dictionary, "vocab", None)  # our dictionaries know each token's text
+        self.texts = vocab.token_texts if vocab is not None else list(dictionary.symbols)
+        # per row, set by the generator before each search and reordered with the beams
+        self.prompt_lengths: torch.Tensor | None = None
+        self.max_steps: torch.Tensor | None = None
+
+    def forward_decoder(self, tokens, encoder_outs, incremental_states, temperature: float = 1.0):
+        lprobs, attn = super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
+        step = tokens.size(1) - 1
+        at_limit = self.max_steps <= step
+        if at_limit.any():  # as fairseq does at its own limit: only </s> remains, with the model's score
+            eos = lprobs[at_limit, self.eos]
+            lprobs[at_limit] = -math.inf
+            lprobs[at_limit, self.eos] = eos
+        if self.stop_text:
+            generated = (step - self.prompt_lengths).tolist()  # tokens after <s> and the prompt, per row
+            for row, n in enumerate(generated):
+                if n > 0 and self._ends_with_stop(tokens[row, -n:].tolist()):
+                    lprobs[row] = -math.inf
+                    lprobs[row, self.eos] = 0.0  # the answer ended with the stop text: </s> is certain
+        return lprobs, attn
+
+    def _ends_with_stop(self, ids: list[int]) -> bool:
+        text = ""
+        for i in reversed(ids):  # the shortest suffix of generated tokens that could hold the stop text
+            text = self.texts[i] + text
+            if len(text) >= len(self.stop_text):
+                break
+        return text.endswith(self.stop_text)
+
+    def reorder_incremental_state(self, incremental_states, new_order):
+        super().reorder_incremental_state(incremental_states, new_order)
+        self.prompt_lengths = self.prompt_lengths.index_select(0, new_order)
+        self.max_steps = self.max_steps.index_select(0, new_order)
 
 
 class PromptPrefillGenerator(SequenceGenerator):
+    def __init__(self, models, tgt_dict, stop_text: str | None = None, **kwargs):
+        super().__init__(PromptEnsemble(models, tgt_dict, stop_text), tgt_dict, **kwargs)
+
     def _generate(self, sample, prefix_tokens=None, constraints=None, bos_token=None):
         decoders = [m.decoder for m in self.model.models if hasattr(m.decoder, "set_pending_prompt")]
         for decoder in decoders:
             decoder.set_pending_prompt(prefix_tokens)
+        src = sample["net_input"]["src_tokens"]
+        lengths = (right_padded_lengths(prefix_tokens, self.pad) if prefix_tokens is not None
+                   else torch.zeros(src.size(0), dtype=torch.long, device=src.device))
+        # fairseq's limit a * src_len + b, with this row's source length (<s> + prompt) instead of the batch's
+        own_src_len = right_padded_lengths(src, self.pad)
+        max_steps = (self.max_len_a * own_src_len + self.max_len_b).long().clamp(max=self.max_len - 1)
+        self.model.prompt_lengths = lengths.repeat_interleave(self.beam_size)
+        self.model.max_steps = max_steps.repeat_interleave(self.beam_size)
         try:
             return super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints,
                                      bos_token=bos_token)

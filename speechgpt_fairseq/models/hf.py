@@ -7,13 +7,20 @@ Weight map (ours keeps HF's submodule names, so it is a prefix change):
     model.layers.{i}.*                 decoder.layers.{i}.*
     model.norm.weight                  decoder.norm.weight
     lm_head.weight                     decoder.lm_head.weight   (absent when tied)
+
+PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors/.bin) come in through `import_peft`:
+
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight    decoder.layers.{i}.self_attn.q_proj.lora_A
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +30,7 @@ from omegaconf import OmegaConf
 from speechgpt_fairseq.atomic_files import atomic_dir
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, validate_config
+from speechgpt_fairseq.models.lora import LORA_TARGETS, load_base_weights, merge_lora_state
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +289,39 @@ def load_fairseq_checkpoint(path: Path) -> dict:
         raise HFCheckpointError(f"{path}: not a loadable fairseq checkpoint ({e})") from None
 
 
+def checkpoint_model_config(state: dict, path: Path) -> SpeechGPTLlamaConfig:
+    """The model config a checkpoint of ours was written with (fields it predates take their defaults)."""
+    cfg = OmegaConf.create(state.get("cfg") or {})
+    if OmegaConf.select(cfg, "model._name") != "speechgpt_llama":
+        raise HFCheckpointError(f"{path}: model {OmegaConf.select(cfg, 'model._name')!r}, expected a "
+                                f"speechgpt_llama checkpoint")
+    fields = {k: v for k, v in cfg.model.items() if k in SpeechGPTLlamaConfig.__dataclass_fields__}
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SpeechGPTLlamaConfig), fields))
+
+
+def checkpoint_vocabulary(state: dict, path: Path) -> Vocabulary:
+    vocab_dict = (state.get("task_state") or {}).get("vocabulary")
+    if vocab_dict is None:
+        raise HFCheckpointError(f"{path}: carries no vocabulary (task_state); was it written by speechgpt-fairseq?")
+    return Vocabulary.from_dict(vocab_dict, source=path)
+
+
+def plain_weights(state: dict, model_cfg: SpeechGPTLlamaConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as a model without LoRA has them: adapters merged into their Linear weights, the
+    base read from `lora_base` when the checkpoint holds only the adapters."""
+    weights = state["model"]
+    if not model_cfg.lora_rank:
+        return weights
+    if "decoder.embed_tokens.weight" not in weights:
+        weights = {**load_base_weights(model_cfg.lora_base), **weights}
+    return merge_lora_state(weights, model_cfg.lora_alpha / model_cfg.lora_rank)
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """A checkpoint named directly, or the checkpoint.pt of a directory written by convert-hf / import-peft."""
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
 # ---- the two verbs ----------------------------------------------------------------------------------
 def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, num_units: int | None = None,
                overwrite: bool = False) -> Path:
@@ -290,35 +331,34 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, num_units: int
     vocab = Vocabulary.from_tokenizer(hf_dir, num_units)
     model_cfg = model_config_from_hf(config)
     state = fairseq_state_from_hf(hf_dir, model_cfg, vocab)
+    write_checkpoint_dir(out, state, model_cfg, vocab, overwrite)
+    return out
+
+
+def write_checkpoint_dir(out: Path, weights: dict, model_cfg: SpeechGPTLlamaConfig, vocab: Vocabulary,
+                         overwrite: bool) -> None:
+    """`out/checkpoint.pt`, `out/vocab.json` and `out/model.yaml`, written all together or not at all."""
     with atomic_dir(out, overwrite) as scratch:
         vocab.save(scratch / VOCAB_FILE)
-        torch.save(fairseq_checkpoint(state, model_cfg, vocab, data=str(out.resolve())), scratch / "checkpoint.pt")
+        torch.save(fairseq_checkpoint(weights, model_cfg, vocab, data=str(out.resolve())), scratch / "checkpoint.pt")
         model_yaml = {**OmegaConf.to_container(OmegaConf.structured(model_cfg)), "_name": "speechgpt_llama"}
         (scratch / "model.yaml").write_text(
             "# the model config of checkpoint.pt: use it as the `model:` section of a training config\n"
             + OmegaConf.to_yaml(OmegaConf.create(model_yaml)), encoding="utf-8")
-    return out
 
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
               max_shard_bytes: int = 5 * 2**30) -> Path:
-    """fairseq checkpoint of ours -> a directory LlamaForCausalLM and AutoTokenizer load."""
+    """fairseq checkpoint of ours -> a directory LlamaForCausalLM and AutoTokenizer load. LoRA adapters are merged
+    into the weights they adapt."""
     from safetensors.torch import save_file
 
     checkpoint, out = Path(checkpoint), Path(out)
     state = load_fairseq_checkpoint(checkpoint)
-    cfg = OmegaConf.create(state.get("cfg") or {})
-    if OmegaConf.select(cfg, "model._name") != "speechgpt_llama":
-        raise HFCheckpointError(f"{checkpoint}: model {OmegaConf.select(cfg, 'model._name')!r}, expected a "
-                                f"speechgpt_llama checkpoint")
-    model_cfg = OmegaConf.merge(OmegaConf.structured(SpeechGPTLlamaConfig), {
-        k: v for k, v in cfg.model.items() if k in SpeechGPTLlamaConfig.__dataclass_fields__})
-    vocab_dict = (state.get("task_state") or {}).get("vocabulary")
-    if vocab_dict is None:
-        raise HFCheckpointError(f"{checkpoint}: carries no vocabulary (task_state); was it written by "
-                                f"speechgpt-fairseq?")
-    vocab = Vocabulary.from_dict(vocab_dict, source=checkpoint)
-    tensors = {fairseq_to_hf_name(k): v.contiguous() for k, v in state["model"].items() if k != "decoder.vocab_digest"}
+    model_cfg = checkpoint_model_config(state, checkpoint)
+    vocab = checkpoint_vocabulary(state, checkpoint)
+    tensors = {fairseq_to_hf_name(k): v.contiguous() for k, v in plain_weights(state, model_cfg).items()
+               if k != "decoder.vocab_digest"}
     dtype = next(iter(tensors.values())).dtype
     with atomic_dir(out, overwrite) as scratch:
         _save_sharded(tensors, scratch, max_shard_bytes, save_file)
@@ -385,3 +425,136 @@ def _tokenizers_json(vocab: Vocabulary) -> str:
     tok.add_special_tokens([AddedToken(t, normalized=False) for t in vocab.tokens[:vocab.base_size]])
     tok.add_tokens([AddedToken(t, normalized=False) for t in vocab.added_tokens])
     return tok.to_str()
+
+
+# ---- PEFT LoRA adapters in ---------------------------------------------------------------------------
+_PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_PEFT_HELP = "expected a PEFT LoRA adapter: adapter_config.json + adapter_model.safetensors or adapter_model.bin"
+
+
+@dataclass
+class PeftLoRA:
+    """A PEFT LoRA adapter in our terms: the lora_* settings of SpeechGPTLlamaConfig and fairseq-named weights."""
+
+    rank: int
+    alpha: float  # our scaling is alpha / rank; rsLoRA's alpha / sqrt(rank) is folded in here
+    dropout: float
+    targets: list[str]
+    weights: dict[str, torch.Tensor]
+
+
+def read_peft_config(adapter_dir: Path) -> dict:
+    """adapter_config.json, refusing what our LoRALinear does not compute the same way."""
+    path = adapter_dir / "adapter_config.json"
+    if not adapter_dir.is_dir():
+        raise HFCheckpointError(f"{adapter_dir}: no such directory ({_PEFT_HELP})")
+    if not path.exists():
+        raise HFCheckpointError(f"{adapter_dir}: no adapter_config.json ({_PEFT_HELP})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise HFCheckpointError(f"{path}: unreadable ({e})") from None
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type {config['peft_type']!r} (only LORA adapters are supported)")
+    if not isinstance(config.get("r"), int) or config["r"] <= 0:
+        problems.append(f"r {config.get('r')!r} (expected a positive integer)")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out true (weights stored transposed, as for GPT-2's Conv1D; LLaMA's are not)")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias {config['bias']!r} (the adapter trains biases, which LLaMA has none of; expected "
+                        f"'none')")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']} (full copies of modules are not supported)")
+    if config.get("use_dora"):
+        problems.append("use_dora true (DoRA is not supported)")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        problems.append("rank_pattern/alpha_pattern (per-module ranks and alphas are not supported)")
+    if problems:
+        raise HFCheckpointError(f"{path}: unsupported adapter: " + "; ".join(problems))
+    return config
+
+
+def _declared_targets(config: dict, path: Path, num_layers: int) -> set[str]:
+    """The block Linear layers `target_modules` selects: a list of (suffixes of) names, or PEFT's regular
+    expression over full module names, or "all-linear"."""
+    targets = config.get("target_modules")
+    if targets == "all-linear":
+        return set(LORA_TARGETS)
+    if isinstance(targets, str):
+        return {t for t in LORA_TARGETS for i in range(num_layers)
+                if re.fullmatch(targets, f"model.layers.{i}.{'mlp' if t in _MLP else 'self_attn'}.{t}")}
+    if isinstance(targets, list):
+        return {t.rsplit(".", 1)[-1] for t in targets} & set(LORA_TARGETS)
+    raise HFCheckpointError(f"{path}: target_modules {targets!r}: expected a list of module names or a regular "
+                            f"expression")
+
+
+def read_peft_adapter(adapter_dir: Path, base: dict[str, torch.Tensor], num_layers: int) -> PeftLoRA:
+    """A PEFT LoRA adapter directory, checked against the base weights it is to be applied to."""
+    config = read_peft_config(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    names = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if (adapter_dir / n).exists()]
+    if not names:
+        raise HFCheckpointError(f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin ({_PEFT_HELP})")
+    path = adapter_dir / names[0]
+    weights, per_layer = {}, {i: set() for i in range(num_layers)}
+    for key, tensor in _load_weight_file(path):
+        m = _PEFT_KEY.fullmatch(key)
+        module = f"decoder.layers.{m[1]}.{m[2]}.{m[3]}" if m else ""
+        if module + ".weight" not in base:
+            raise HFCheckpointError(f"{path}: unexpected weight {key!r} (expected LoRA matrices of the base model's "
+                                    f"Linear layers, like base_model.model.model.layers.0.self_attn.q_proj.lora_A."
+                                    f"weight, for {num_layers} layers)")
+        weights[f"{module}.lora_{m[4]}"] = tensor
+        per_layer[int(m[1])].add(m[3])
+    targets = [t for t in LORA_TARGETS if t in per_layer.get(0, ())]
+    if not targets:
+        raise HFCheckpointError(f"{path}: holds no LoRA weights for layer 0")
+    uneven = [f"layer {i}: {sorted(ts)}" for i, ts in per_layer.items() if ts != set(targets)]
+    if uneven:
+        raise HFCheckpointError(f"{path}: adapters differ between layers (layer 0: {targets}; {', '.join(uneven[:3])});"
+                                f" only the same adapters on every layer are supported")
+    declared = _declared_targets(config, config_path, num_layers)
+    if declared != set(targets):
+        raise HFCheckpointError(f"{config_path}: target_modules {config.get('target_modules')!r} selects "
+                                f"{sorted(declared)} but {path.name} holds adapters for {targets}")
+    rank = config["r"]
+    for key in [k for k in weights if k.endswith(".lora_A")]:
+        module = key[:-len(".lora_A")]
+        out_dim, in_dim = base[module + ".weight"].shape
+        for name, want in ((key, (rank, in_dim)), (module + ".lora_B", (out_dim, rank))):
+            got = tuple(weights[name].shape) if name in weights else "missing"
+            if got != want:
+                raise HFCheckpointError(f"{path}: {name} is {got}, expected {want} (r={rank} on a {in_dim} -> {out_dim}"
+                                        f" layer of the base)")
+    alpha = float(config.get("lora_alpha", 8))  # PEFT's default
+    if config.get("use_rslora"):
+        alpha *= math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r) = (alpha * sqrt(r)) / r
+    return PeftLoRA(rank, alpha, float(config.get("lora_dropout") or 0.0), targets, weights)
+
+
+def import_peft(base: str | os.PathLike, out: str | os.PathLike, adapter: str | os.PathLike, merge: bool = False,
+                overwrite: bool = False) -> Path:
+    """A fairseq checkpoint of ours + a PEFT LoRA adapter -> a checkpoint directory like convert-hf's: with `merge`
+    the merged model, otherwise a LoRA model whose checkpoint holds only the adapter (lora_base = BASE)."""
+    base, out, adapter = _checkpoint_file(Path(base)), Path(out), Path(adapter)
+    state = load_fairseq_checkpoint(base)
+    model_cfg, vocab = checkpoint_model_config(state, base), checkpoint_vocabulary(state, base)
+    if model_cfg.lora_rank:
+        raise HFCheckpointError(f"{base}: a LoRA checkpoint (lora_rank {model_cfg.lora_rank}); the base must hold "
+                                f"plain weights (export-hf, then convert-hf, merges it)")
+    if not merge and out.resolve() in base.resolve().parents:
+        raise HFCheckpointError(f"{out}: holds the base checkpoint {base}, which the LoRA checkpoint refers to; "
+                                f"write it elsewhere")
+    lora = read_peft_adapter(adapter, state["model"], model_cfg.decoder_layers)
+    logger.info(f"adapter: r={lora.rank}, scaling {lora.alpha / lora.rank:g}, on {', '.join(lora.targets)}")
+    if merge:
+        weights = merge_lora_state({**state["model"], **lora.weights}, lora.alpha / lora.rank)
+    else:
+        weights = lora.weights
+        model_cfg = replace(model_cfg, lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            lora_target_modules=",".join(lora.targets), lora_base=str(base.resolve()))
+    write_checkpoint_dir(out, weights, model_cfg, vocab, overwrite)
+    return out

@@ -3,6 +3,8 @@
 Submodule names follow Hugging Face's `modeling_llama.py`, so the weight map between the two is the identity
 up to a prefix (see models/hf.py). Incremental decoding keeps a key/value cache in fairseq's incremental
 state; a prompt handed over by `PromptPrefillGenerator` is run through the stack in one forward pass.
+With `lora_rank > 0` the target Linear layers carry LoRA adapters (models/lora.py) and only those train; with
+`lora_base` set the frozen base is read from that checkpoint and checkpoints hold only the adapters.
 """
 
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from speechgpt_fairseq.data.vocabulary import dictionary_digest
+from speechgpt_fairseq.models.lora import LoRAError, apply_lora, is_lora_key, load_base_weights, parse_targets
 
 
 @dataclass
@@ -34,6 +37,17 @@ class SpeechGPTLlamaConfig(FairseqDataclass):
     checkpoint_activations: bool = field(
         default=False, metadata={"help": "recompute each block in the backward pass to save memory"})
     init_std: float = field(default=0.02, metadata={"help": "std of the normal init of linear and embedding weights"})
+    # LoRA (stage 3): SpeechGPT trained r=8, alpha=16, dropout 0.05 adapters on q_proj and v_proj
+    lora_rank: int = field(
+        default=0, metadata={"help": "rank of the LoRA adapters; 0 trains the whole model, > 0 only the adapters"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator: updates are scaled by alpha/rank"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input path"})
+    lora_target_modules: str = field(
+        default="q_proj,v_proj", metadata={"help": "comma-separated Linear layers of every block that get adapters: "
+                                                   "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"})
+    lora_base: str = field(
+        default="", metadata={"help": "fairseq checkpoint holding the frozen base weights; when set, the model is "
+                                      "built from it and its checkpoints hold only the LoRA weights"})
 
 
 class ModelConfigError(ValueError):
@@ -49,6 +63,17 @@ def validate_config(cfg) -> None:
                                f"decoder_attention_heads ({heads}), or set head_dim")
     if (cfg.head_dim or cfg.decoder_embed_dim // heads) % 2:
         raise ModelConfigError("the head width must be even for rotary embeddings")
+    if cfg.lora_rank < 0:
+        raise ModelConfigError(f"lora_rank ({cfg.lora_rank}) must be 0 (no LoRA) or positive")
+    if cfg.lora_rank == 0 and cfg.lora_base:
+        raise ModelConfigError(f"lora_base is set ({cfg.lora_base}) but lora_rank is 0: set the adapters' rank")
+    if cfg.lora_rank:
+        if not 0 <= cfg.lora_dropout < 1:
+            raise ModelConfigError(f"lora_dropout ({cfg.lora_dropout}) must be in [0, 1)")
+        try:
+            parse_targets(cfg.lora_target_modules)
+        except LoRAError as e:
+            raise ModelConfigError(f"lora_target_modules: {e}") from None
 
 
 class RMSNorm(nn.Module):
@@ -292,18 +317,59 @@ def check_checkpoint_fits(decoder: SpeechGPTLlamaDecoder, state_dict: dict, pref
                   for k, p in decoder.state_dict().items()
                   if (v := state_dict.get(prefix + k)) is not None and v.shape != p.shape]
     if mismatched:
-        raise ModelConfigError("the checkpoint does not fit the configured model (pick the preset that matches "
-                               "it):\n  " + "\n  ".join(mismatched[:6]))
+        hint = "pick the preset that matches it"
+        if any(is_lora_key(m.split(":")[0]) for m in mismatched):
+            hint += "; LoRA weights: set lora_rank to the checkpoint's"
+        raise ModelConfigError(f"the checkpoint does not fit the configured model ({hint}):\n  "
+                               + "\n  ".join(mismatched[:6]))
 
 
 @register_model("speechgpt_llama", dataclass=SpeechGPTLlamaConfig)
 class SpeechGPTLlamaModel(FairseqLanguageModel):
-    """The LLaMA decoder as a fairseq language model."""
+    """The LLaMA decoder as a fairseq language model, optionally with LoRA adapters (lora_rank > 0)."""
 
     @classmethod
     def build_model(cls, cfg, task):
         validate_config(cfg)
-        return cls(SpeechGPTLlamaDecoder(cfg, task.target_dictionary))
+        decoder = SpeechGPTLlamaDecoder(cfg, task.target_dictionary)
+        if cfg.lora_base:
+            base = load_base_weights(cfg.lora_base)
+            try:
+                check_checkpoint_fits(decoder, base, "decoder.")
+            except ModelConfigError as e:
+                raise ModelConfigError(f"lora_base {cfg.lora_base}: {e}") from None
+            decoder.load_state_dict({k[len("decoder."):]: v for k, v in base.items() if k.startswith("decoder.")})
+        if cfg.lora_rank:
+            apply_lora(decoder, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        return cls(decoder)
+
+    @property
+    def adapter_only(self) -> bool:
+        """Whether checkpoints hold only the LoRA weights (the frozen base is read from `lora_base`)."""
+        return bool(self.decoder.cfg.lora_rank and self.decoder.cfg.lora_base)
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        if self.adapter_only:
+            for key in [k for k in state if not (is_lora_key(k) or k.endswith("vocab_digest"))]:
+                del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """Also loads, into a LoRA model, an adapter-only state dict (the base stays the one read from lora_base)
+        and a plain one (the adapters keep their initial values, so the model equals the loaded weights)."""
+        if self.decoder.cfg.lora_rank:
+            own = super().state_dict()
+            plain = not any(is_lora_key(k) for k in state_dict)
+            adapter_only = "decoder.embed_tokens.weight" not in state_dict
+            if adapter_only and not self.adapter_only:
+                raise ModelConfigError("the checkpoint holds only LoRA weights but lora_base is not set: name the "
+                                       "checkpoint of the base weights it was trained on (model.lora_base=PATH)")
+            state_dict = dict(state_dict)
+            for key, value in own.items():
+                if key not in state_dict and ((is_lora_key(key) and plain) or (not is_lora_key(key) and adapter_only)):
+                    state_dict[key] = value
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

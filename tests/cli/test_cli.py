@@ -6,7 +6,8 @@ from speechgpt_fairseq.cli.main import VERBS, build_parser
 
 
 def test_verbs():
-    assert sorted(VERBS) == ["convert-hf", "export-hf", "prepare-units"]
+    assert sorted(VERBS) == ["build-com", "build-cross-modal", "convert-hf", "export-hf", "import-peft",
+                             "prepare-sft", "prepare-units", "score"]
 
 
 def test_registered_fairseq_names():
@@ -15,14 +16,24 @@ def test_registered_fairseq_names():
     from fairseq.tasks import TASK_REGISTRY
 
     assert TASK_REGISTRY["unit_lm"].__name__ == "UnitLMTask"
+    assert TASK_REGISTRY["cross_modal_sft"].__name__ == "CrossModalSFTTask"
+    assert TASK_REGISTRY["com_sft"].__name__ == "CoMSFTTask"
     assert MODEL_REGISTRY["speechgpt_llama"].__name__ == "SpeechGPTLlamaModel"
     assert CRITERION_REGISTRY["speechgpt_cross_entropy"].__name__ == "SpeechGPTCrossEntropyCriterion"
 
 
 @pytest.mark.parametrize("verb,options", [
+    ("build-com", {"--manifest", "--mix", "--out", "--seed", "--dedup", "--no-dedup", "--prefix", "--num-units",
+                   "--skip-bad", "--no-progress"}),
+    ("build-cross-modal", {"--units", "--text", "--manifest", "--asr-prob", "--asr-templates", "--tts-templates",
+                           "--out", "--seed", "--dedup", "--no-dedup", "--prefix", "--num-units", "--skip-bad",
+                           "--no-progress"}),
     ("convert-hf", {"--num-units", "--overwrite"}),
     ("export-hf", {"--max-shard-size", "--overwrite"}),
+    ("import-peft", {"--adapter", "--merge", "--overwrite"}),
     ("prepare-units", {"--out", "--vocab", "--num-units", "--open", "--no-progress"}),
+    ("prepare-sft", {"--out", "--vocab", "--num-units", "--skip-bad", "--no-progress"}),
+    ("score", {"--out", "--keep-case", "--keep-punct"}),
 ])
 def test_verb_options(verb, options):
     sub = build_parser()._subparsers._group_actions[0].choices[verb]

@@ -80,7 +80,7 @@ def test_writer_streams_in_flat_memory(tmp_path):
             yield rng.integers(0, 109, length).tolist()
 
     tracemalloc.start()
-    write_split(records(), tmp_path / "big", Vocabulary.units_only(100), SplitStats("gen"))
+    write_split(((r,) for r in records()), [(tmp_path / "big", 109)], SplitStats("gen"))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     ds = MMapIndexedDataset(str(tmp_path / "big"))

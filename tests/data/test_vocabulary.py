@@ -116,3 +116,12 @@ def test_bad_inputs_name_the_file(tmp_path):
         Vocabulary.load(tmp_path / "vocab.json")
     with pytest.raises(VocabularyError, match="no vocabulary file"):
         Vocabulary.load(empty)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizers"])
+def test_continuation_encodes_as_inside_a_string(kind, sentencepiece_model, tokenizers_json):
+    """A response encoded after its prompt gets the ids it has inside the whole string (after an added token)."""
+    v = Vocabulary.from_tokenizer(sentencepiece_model if kind == "sentencepiece" else tokenizers_json, num_units=20)
+    prompt, response = "[Human]: hello there<eoh> [SpeechGPT]:", " the quick fox<eoa>"
+    assert v.encode(prompt) + v.encode(response, continuation=True) == v.encode(prompt + response)
+    assert v.encode("<eoh>café")[1:] == v.encode("café", continuation=True)

@@ -1,0 +1,144 @@
+"""Instruction examples as fairseq samples: loss on chosen segments, length-bucketed or packed into rows."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from fairseq.data import FairseqDataset, data_utils
+
+from speechgpt_fairseq.data.instructions import PROMPT, RESPONSE, SYSTEM
+
+# which segments carry loss under each policy (data/instructions.py defines the segments)
+LOSS_SEGMENTS = {
+    "response": (RESPONSE,),  # only what follows [SpeechGPT]: (the paper)
+    "prefix": (PROMPT, RESPONSE),  # everything but the system prefix (SpeechGPT's released code)
+    "all": (SYSTEM, PROMPT, RESPONSE),
+}
+
+
+class InstructionDataset(FairseqDataset):
+    """Example i: source `<s> x[:-1]`, target `x` with non-loss positions set to pad, and its prompt length
+    (system + human turn), which generation uses to split prompt from reference."""
+
+    def __init__(self, tokens, segments, loss_policy: str, bos: int, pad: int, shuffle: bool = True):
+        if len(tokens) != len(segments) or not np.array_equal(tokens.sizes, segments.sizes):
+            raise ValueError("tokens and segment labels do not match: re-run `speechgpt prepare-sft`")
+        self.tokens, self.segments, self.bos, self.pad, self.shuffle = tokens, segments, bos, pad, shuffle
+        self.loss_segments = torch.tensor(LOSS_SEGMENTS[loss_policy])
+        self.sizes = np.asarray(tokens.sizes, dtype=np.int64)
+
+    def __getitem__(self, index):
+        x, seg = self.tokens[index].long(), self.segments[index].long()
+        target = torch.where(torch.isin(seg, self.loss_segments), x, torch.full_like(x, self.pad))
+        return {"id": index, "source": torch.cat([x.new([self.bos]), x[:-1]]), "target": target,
+                "reference": x, "prompt_length": int((seg != RESPONSE).sum())}
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def num_tokens(self, index):
+        return int(self.sizes[index])
+
+    def num_tokens_vec(self, indices):
+        return self.sizes[indices]
+
+    def size(self, index):
+        return int(self.sizes[index])
+
+    def ordered_indices(self):
+        """Random order, then stably sorted by length: batches hold examples of similar length."""
+        order = np.random.permutation(len(self)) if self.shuffle else np.arange(len(self))
+        return order[np.argsort(self.sizes[order], kind="mergesort")]
+
+    def collater(self, samples):
+        return collate_instructions(samples, self.pad)
+
+
+def collate_instructions(samples: list[dict], pad: int) -> dict:
+    """Right-padded batch; `example_ids` is present when samples are packed rows."""
+    if not samples:
+        return {}
+    src = data_utils.collate_tokens([s["source"] for s in samples], pad, left_pad=False)
+    batch = {
+        "id": torch.LongTensor([s["id"] for s in samples]),
+        "nsentences": sum(s.get("n_examples", 1) for s in samples),
+        "net_input": {"src_tokens": src, "src_lengths": torch.LongTensor([len(s["source"]) for s in samples])},
+        "target": data_utils.collate_tokens([s["target"] for s in samples], pad, left_pad=False),
+    }
+    batch["ntokens"] = int(batch["target"].ne(pad).sum())
+    if "example_ids" in samples[0]:
+        batch["net_input"]["example_ids"] = data_utils.collate_tokens([s["example_ids"] for s in samples], -1,
+                                                                      left_pad=False)
+    else:
+        batch["prompt_lengths"] = torch.LongTensor([s["prompt_length"] for s in samples])
+        batch["references"] = [s["reference"] for s in samples]
+    return batch
+
+
+class PackedInstructionDataset(FairseqDataset):
+    """Examples packed into rows of at most `row_tokens` tokens (best-fit decreasing); attention and positions
+    stay inside each example (the model's `example_ids`)."""
+
+    def __init__(self, examples: FairseqDataset, row_tokens: int, pad: int, seed: int = 1):
+        self.examples, self.pad = examples, pad
+        too_long = int((examples.sizes > row_tokens).sum())
+        if too_long:
+            raise ValueError(f"{too_long} examples are longer than a packed row of {row_tokens} tokens: raise "
+                             f"task.tokens_per_sample or drop them when building the data")
+        self.rows = best_fit_decreasing(examples.sizes, row_tokens, seed)
+        self.sizes = np.array([int(examples.sizes[r].sum()) for r in self.rows], dtype=np.int64)
+
+    def __getitem__(self, index):
+        parts = [self.examples[i] for i in self.rows[index]]
+        return {"id": index, "n_examples": len(parts),
+                "source": torch.cat([p["source"] for p in parts]), "target": torch.cat([p["target"] for p in parts]),
+                "example_ids": torch.cat([torch.full((len(p["source"]),), k) for k, p in enumerate(parts)])}
+
+    def __len__(self):
+        return len(self.rows)
+
+    def num_tokens(self, index):
+        return int(self.sizes[index])
+
+    def num_tokens_vec(self, indices):
+        return self.sizes[indices]
+
+    def size(self, index):
+        return int(self.sizes[index])
+
+    def ordered_indices(self):
+        return np.random.permutation(len(self))
+
+    def collater(self, samples):
+        return collate_instructions(samples, self.pad)
+
+
+def best_fit_decreasing(sizes: np.ndarray, capacity: int, seed: int) -> list[np.ndarray]:
+    """Group example indices into rows of total size <= capacity: longest first, each into the row whose free
+    room fits it most tightly (ties in random order, seeded). O(n log capacity)."""
+    import bisect
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(sizes))
+    order = order[np.argsort(-sizes[order], kind="mergesort")]
+    rows: list[list[int]] = []
+    by_room: dict[int, list[int]] = {}  # free room -> rows with exactly that room
+    rooms: list[int] = []  # sorted keys of by_room
+    for i in order:
+        size = int(sizes[i])
+        k = bisect.bisect_left(rooms, size)
+        if k < len(rooms):
+            room = rooms[k]
+            r = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room], rooms[k]
+        else:
+            room, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(int(i))
+        left = room - size
+        if left > 0:
+            if left not in by_room:
+                by_room[left] = []
+                bisect.insort(rooms, left)
+            by_room[left].append(r)
+    return [np.array(r, dtype=np.int64) for r in rows]

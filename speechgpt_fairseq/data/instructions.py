@@ -1,0 +1,113 @@
+"""Instruction data for stages 2 and 3: SpeechInstruct JSON lines, streamed, encoded with a segment label per token.
+
+Each example becomes `prefix + plain_text + </s>` and three segments: SYSTEM (the `prefix`), PROMPT (the human
+turn up to and including `[SpeechGPT]:`) and RESPONSE (the rest and the end of sequence). The task chooses from
+the segments which tokens carry loss, so one binarization serves every loss policy. The prompt and the response
+are encoded separately, the response as a continuation: the ids a model sees in training are the ids it sees
+when it is prompted with the human turn and generates the rest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+from speechgpt_fairseq.atomic_files import atomic_files_into
+from speechgpt_fairseq.data.binarize import BinarizeError, SplitStats, write_split
+from speechgpt_fairseq.data.prompts import Example, PromptFormatError, split_turn
+from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
+from speechgpt_fairseq.speech.units import UnitFormatError, parse_unit_string
+
+SYSTEM, PROMPT, RESPONSE = 0, 1, 2
+SEGMENTS_SUFFIX = ".seg"  # NAME.seg.bin/.idx beside NAME.bin/.idx
+_SPEECH_SPAN = re.compile(r"<sosp>.*?(?:<eosp>|$)", re.DOTALL)
+
+
+def check_units(text: str, num_units: int) -> None:
+    """Every `<sosp>…<eosp>` span holds units below K and nothing else."""
+    for span in _SPEECH_SPAN.findall(text):
+        parse_unit_string(span, num_units)
+
+
+def encode_example(ex: Example, vocab: Vocabulary) -> tuple[list[int], list[int]]:
+    """(token ids, segment labels) of one example, ending with </s>."""
+    prompt, response = split_turn(ex.plain_text)
+    check_units(ex.plain_text, vocab.num_units)
+    ids, segs = [], []
+    for text, seg, continuation in ((ex.prefix, SYSTEM, False), (prompt, PROMPT, bool(ex.prefix)),
+                                    (response, RESPONSE, True)):
+        if text:
+            part = vocab.encode(text, continuation=continuation)
+            ids += part
+            segs += [seg] * len(part)
+    ids.append(vocab.eos)
+    segs.append(RESPONSE)
+    return ids, segs
+
+
+def read_examples(path: str | os.PathLike, vocab: Vocabulary, stats: SplitStats, skip_bad: bool = False,
+                  ) -> Iterator[tuple[list[int], list[int]]]:
+    """Encoded examples of a JSON-lines file, read line by line (memory does not grow with the file).
+
+    Bad lines raise BinarizeError naming the file and line; with `skip_bad` they are skipped and counted in
+    `stats` by reason. Empty lines are always skipped and counted.
+    """
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                stats.skip("empty line")
+                continue
+            try:
+                yield encode_example(parse_line(line), vocab)
+            except (BadLine, PromptFormatError, UnitFormatError) as e:
+                if not skip_bad:
+                    raise BinarizeError(f"{path}:{lineno}: {e}") from None
+                stats.skip(e.reason if isinstance(e, BadLine) else
+                           "not a SpeechGPT exchange" if isinstance(e, PromptFormatError) else "bad speech units")
+
+
+class BadLine(ValueError):
+    """A line that is not a SpeechInstruct record; `reason` is its short, countable kind."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_line(line: str) -> Example:
+    """One SpeechInstruct JSON line: an object with string fields `prefix` and `plain_text`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadLine("malformed JSON", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise BadLine("not an object", f"expected a JSON object with 'prefix' and 'plain_text', found "
+                                       f"{type(record).__name__}")
+    for key in ("prefix", "plain_text"):
+        if not isinstance(record.get(key), str):
+            raise BadLine("missing field", f"missing field {key!r} (a string) in a SpeechInstruct line")
+    return Example(record["prefix"], record["plain_text"])
+
+
+def prepare_instructions(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabulary, skip_bad: bool = False,
+                         show_progress: bool = True) -> list[SplitStats]:
+    """Binarize JSON-lines files into `out`: NAME.bin/.idx (tokens), NAME.seg.bin/.idx (segments), vocab.json."""
+    from tqdm import tqdm
+
+    results = []
+    with atomic_files_into(out) as scratch:
+        vocab.save(scratch / VOCAB_FILE)
+        for name, path in splits.items():
+            if not Path(path).is_file():
+                raise BinarizeError(f"{path}: no such file (split {name!r})")
+            stats = SplitStats(str(path))
+            with tqdm(desc=f"{name} ({Path(path).name})", unit=" ex", disable=not show_progress) as bar:
+                write_split(read_examples(path, vocab, stats, skip_bad),
+                            [(scratch / name, len(vocab)), (scratch / f"{name}{SEGMENTS_SUFFIX}", RESPONSE + 1)],
+                            stats, progress=bar)
+            if stats.records == 0:
+                raise BinarizeError(f"{path}: no examples (split {name!r})")
+            results.append(stats)
+    return results

@@ -1,0 +1,109 @@
+"""Scoring generated responses: word error rate for text, unit error rate for speech, per part for
+chain-of-modality answers. Reads fairseq-generate's output (T- and D- lines of the instruction tasks)."""
+from __future__ import annotations
+
+import os
+import re
+import string
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import editdistance
+
+from speechgpt_fairseq.data.prompts import parse_response
+from speechgpt_fairseq.speech.units import dedup_units
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+class GenerateOutputError(ValueError):
+    """A file that is not fairseq-generate output of an instruction task."""
+
+
+def read_generate_output(path: str | os.PathLike) -> dict[int, dict[str, str]]:
+    """{sample id: {"prompt", "reference", "hypothesis"}} from fairseq-generate's S-/T-/D- lines (first D per id)."""
+    records: dict[int, dict[str, str]] = defaultdict(dict)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            kind, _, rest = line.rstrip("\n").partition("-")
+            if kind not in ("S", "T", "D") or "\t" not in rest:
+                continue
+            key, *fields = rest.split("\t")
+            if not key.isdigit():
+                continue
+            name = {"S": "prompt", "T": "reference", "D": "hypothesis"}[kind]
+            if kind == "D":
+                if len(fields) < 2:
+                    raise GenerateOutputError(f"{path}:{lineno}: a D- line needs a score and a text")
+                fields = fields[1:]
+            records[int(key)].setdefault(name, fields[0] if fields else "")
+    scored = {k: r for k, r in records.items() if "reference" in r and "hypothesis" in r}
+    if not scored:
+        raise GenerateOutputError(f"{path}: no T-/D- line pairs; expected the output of fairseq-generate on a "
+                                  f"cross_modal_sft or com_sft split")
+    return dict(sorted(scored.items()))
+
+
+def words(text: str, lowercase: bool = True, remove_punct: bool = True) -> list[str]:
+    if lowercase:
+        text = text.lower()
+    if remove_punct:
+        text = _PUNCT.sub(" ", text)
+    return text.split()
+
+
+@dataclass
+class ErrorRate:
+    """Edit operations over reference length, accumulated over examples."""
+
+    errors: int = 0
+    length: int = 0
+    count: int = 0
+
+    def add(self, ref: list, hyp: list) -> float:
+        e = editdistance.eval(ref, hyp)
+        self.errors, self.length, self.count = self.errors + e, self.length + len(ref), self.count + 1
+        return e / max(len(ref), 1)
+
+    @property
+    def rate(self) -> float:
+        return self.errors / max(self.length, 1)
+
+
+@dataclass
+class Scores:
+    rates: dict[str, ErrorRate] = field(default_factory=lambda: defaultdict(ErrorRate))
+    exact: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
+
+    def summary(self) -> dict:
+        out = {name: {"n": r.count, "rate": round(100 * r.rate, 2)} for name, r in self.rates.items()}
+        out.update({f"{name}_exact": {"n": len(v), "share": round(100 * sum(v) / len(v), 2)}
+                    for name, v in self.exact.items() if v})
+        return out
+
+
+def score_records(records: dict[int, dict[str, str]], lowercase: bool = True, remove_punct: bool = True,
+                  ) -> tuple[list[dict], Scores]:
+    """Per-example parts and error rates, and the totals.
+
+    Text parts get WER (words, lowercased and without punctuation by default), unit parts UER (units with
+    repeats merged). Chain-of-modality references are scored per part: the transcribed question (text_i),
+    the text answer (text_r, also as exact match) and the spoken answer (units_r).
+    """
+    scores, rows = Scores(), []
+    for key, r in records.items():
+        ref, hyp = parse_response(r["reference"]), parse_response(r["hypothesis"])
+        row = {"id": key, "reference": ref, "hypothesis": hyp}
+        for part, metric in (("text", "wer"), ("text_i", "wer"), ("text_r", "wer"), ("units", "uer"),
+                             ("units_r", "uer")):
+            if part not in ref:
+                continue
+            if metric == "wer":
+                a, b = words(ref[part], lowercase, remove_punct), words(hyp.get(part, ""), lowercase, remove_punct)
+            else:
+                a, b = dedup_units(ref[part]), dedup_units(hyp.get(part, []))
+            row[f"{part}_{metric}"] = round(scores.rates[f"{part}_{metric}"].add(a, b), 4)
+            if part == "text_r":
+                scores.exact["text_r"].append(a == b)
+        rows.append(row)
+    return rows, scores

@@ -1,0 +1,187 @@
+"""Stages 2 and 3: instruction tuning on SpeechInstruct-style examples (cross_modal_sft, com_sft), one base task.
+
+Training reads the examples `speechgpt prepare-sft` binarized, with loss on the segments the loss policy picks,
+batched by length (or packed into rows). Under fairseq-generate, any split serves as a prompt-only split: each
+example is cut at `[SpeechGPT]:`, the model continues the prompt until `<eoa>` or `</s>`, and fairseq prints
+and scores the generated response against the example's own response.
+"""
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from fairseq.data import ConcatDataset, ResamplingDataset, data_utils
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II
+
+from speechgpt_fairseq.data.instruction_dataset import LOSS_SEGMENTS, InstructionDataset, PackedInstructionDataset
+from speechgpt_fairseq.data.instructions import SEGMENTS_SUFFIX
+from speechgpt_fairseq.data.prompts import EOA
+from speechgpt_fairseq.data.vocabulary import Vocabulary
+from speechgpt_fairseq.models.generation import PromptPrefillGenerator
+from speechgpt_fairseq.tasks.unit_lm import TaskDataError, load_data_vocabulary, load_split
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InstructionConfig(FairseqDataclass):
+    data: str = field(default="", metadata={"help": "directory written by `speechgpt prepare-sft` (vocab.json, "
+                                                    "NAME.bin/.idx, NAME.seg.bin/.idx)"})
+    tokens_per_sample: int = field(default=512, metadata={"help": "longest example (tokens); the packed row length"})
+    loss_policy: ChoiceEnum(list(LOSS_SEGMENTS)) = field(
+        default="response", metadata={"help": "response: only what follows [SpeechGPT]: (the paper); prefix: all "
+                                               "but the system prefix (SpeechGPT's released code); all: every token"})
+    pack: bool = field(default=False, metadata={"help": "pack several training examples into each row; attention "
+                                                        "and positions never cross an example boundary"})
+    mix: str = field(default="", metadata={"help": "sources of the training split as NAME:WEIGHT,... (each NAME "
+                                                   "binarized in task.data); WEIGHT = copies of that source per epoch "
+                                                   "(fractions subsample); empty: the split itself"})
+    stop_text: str = field(default=EOA, metadata={"help": "generation also ends once the response ends with this "
+                                                          "text (SpeechGPT's <eoa>); empty: only at </s>"})
+    seed: int = II("common.seed")
+
+
+class InstructionTask(FairseqTask):
+    """The shared base of cross_modal_sft and com_sft; the vocabulary travels in checkpoints (task state)."""
+
+    def __init__(self, cfg: InstructionConfig, vocab: Vocabulary):
+        super().__init__(cfg)
+        self.vocab = vocab
+        self.dictionary = vocab.to_dictionary()
+
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        vocab = load_data_vocabulary(cfg.data)
+        logger.info(f"vocabulary: {len(vocab)} tokens; loss on: {cfg.loss_policy}")
+        return cls(cfg, vocab)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        if self.cfg.mix and split == "train":
+            dataset = self._mixture(epoch)
+        else:
+            dataset = self._examples(split)
+        if self.cfg.pack and split == "train":
+            dataset = PackedInstructionDataset(dataset, self.cfg.tokens_per_sample, self.dictionary.pad(),
+                                               seed=self.cfg.seed + epoch)
+        logger.info(f"{split}: {len(dataset)} samples, {int(dataset.sizes.sum())} tokens")
+        self.datasets[split] = dataset
+
+    def _examples(self, name: str) -> InstructionDataset:
+        tokens = load_split(self.cfg.data, name)
+        try:
+            segments = load_split(self.cfg.data, name + SEGMENTS_SUFFIX)
+        except TaskDataError:
+            raise TaskDataError(f"{self.cfg.data}/{name}{SEGMENTS_SUFFIX}.bin: missing; {name} was not written by "
+                                f"`speechgpt prepare-sft`") from None
+        d = self.dictionary
+        return InstructionDataset(tokens, segments, self.cfg.loss_policy, d.bos(), d.pad())
+
+    def _mixture(self, epoch: int):
+        parts = []
+        for item in self.cfg.mix.split(","):
+            name, _, weight = item.strip().partition(":")
+            try:
+                weight = float(weight or 1.0)
+            except ValueError:
+                raise ValueError(f"task.mix: {item!r} is not NAME:WEIGHT") from None
+            if weight <= 0:
+                raise ValueError(f"task.mix: weight of {name!r} must be positive")
+            ds = self._examples(name)
+            parts.append(ds if weight == 1.0 else ResamplingDataset(ds, size_ratio=weight, replace=weight > 1,
+                                                                    seed=self.cfg.seed, epoch=epoch))
+            logger.info(f"mix: {name} x{weight} -> {round(len(ds) * weight)} examples per epoch")
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary
+
+    def max_positions(self):
+        return self.cfg.tokens_per_sample
+
+    def state_dict(self):
+        return {"vocabulary": self.vocab.to_dict()}
+
+    def load_state_dict(self, state_dict):
+        pass  # the data directory's vocabulary rules; a checkpoint of another one is refused by the model
+
+    # ---- generation ---------------------------------------------------------------------------
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
+        extra = {"stop_text": self.cfg.stop_text, **(extra_gen_cls_kwargs or {})}
+        return super().build_generator(models, args, seq_gen_cls=seq_gen_cls or PromptPrefillGenerator,
+                                       extra_gen_cls_kwargs=extra, **kwargs)
+
+    def build_bpe(self, args):
+        """fairseq-generate's D- lines: the vocabulary's text, answer end (`<eoa>`) stripped, for scoring."""
+        if getattr(args, "_name", None):
+            return super().build_bpe(args)
+        return ResponseText(self.vocab, self.cfg.stop_text)
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        """Prompt with each example's system + human turn; the example's response becomes the reference.
+
+        The sample is rewritten in place so that fairseq-generate prints and scores the prompt (S-), the
+        reference response (T-) and the generated response without its prompt (H-/D-).
+        """
+        if "prompt_lengths" not in sample:
+            raise ValueError("generation needs whole examples: set task.pack=false")
+        d = self.dictionary
+        lengths = sample["prompt_lengths"].tolist()
+        src = sample["net_input"]["src_tokens"]
+        prompts = [src[i, 1:1 + n] for i, n in enumerate(lengths)]
+        refs = [ref[n:] for ref, n in zip(sample["references"], lengths)]
+        prompt_tokens = data_utils.collate_tokens(prompts, d.pad(), left_pad=False)
+        sample["net_input"] = {"src_tokens": torch.cat([prompt_tokens.new_full((len(prompts), 1), d.bos()),
+                                                        prompt_tokens], 1),
+                               "src_lengths": torch.tensor([n + 1 for n in lengths])}
+        sample["target"] = data_utils.collate_tokens(refs, d.pad(), left_pad=False)
+        hypos = generator.generate(models, sample, prefix_tokens=prompt_tokens, constraints=constraints,
+                                   bos_token=d.bos())
+        for n, beams in zip(lengths, hypos):
+            for h in beams:
+                h["tokens"], h["positional_scores"] = h["tokens"][n:], h["positional_scores"][n:]
+                h["alignment"] = None
+        return hypos
+
+
+class ResponseText:
+    """fairseq's detokenizer hook: space-separated symbols -> text, a trailing answer end removed."""
+
+    def __init__(self, vocab: Vocabulary, stop_text: str):
+        self.vocab, self.stop_text = vocab, stop_text
+        self.index = vocab.index
+
+    def encode(self, x: str) -> str:
+        return x
+
+    def decode(self, x: str) -> str:
+        text = self.vocab.decode(self.index[s] for s in x.split(" ") if s in self.index)
+        if self.stop_text:  # "…<eoa>" or "…<eoa>." at the very end
+            text = re.sub(re.escape(self.stop_text) + r"\W*$", "", text)
+        return text.strip()
+
+
+@dataclass
+class CrossModalSFTConfig(InstructionConfig):
+    pass
+
+
+@dataclass
+class CoMSFTConfig(InstructionConfig):
+    tokens_per_sample: int = field(default=1024, metadata={"help": "longest example (tokens); the packed row length"})
+
+
+@register_task("cross_modal_sft", dataclass=CrossModalSFTConfig)
+class CrossModalSFTTask(InstructionTask):
+    """Stage 2: ASR/TTS instructions built from (speech, transcript) pairs, mixed with text instructions."""
+
+
+@register_task("com_sft", dataclass=CoMSFTConfig)
+class CoMSFTTask(InstructionTask):
+    """Stage 3: chain-of-modality instructions (transcribe, answer in text, then speak)."""

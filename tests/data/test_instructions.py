@@ -1,0 +1,74 @@
+"""Instruction data: segments, prompt/response encoding, streaming binarization, bad lines."""
+import json
+import re
+
+import pytest
+from fairseq.data import MMapIndexedDataset
+
+from speechgpt_fairseq.data.binarize import BinarizeError
+from speechgpt_fairseq.data.instructions import (PROMPT, RESPONSE, SYSTEM, encode_example, prepare_instructions)
+from speechgpt_fairseq.data.prompts import Example, cross_modal
+from speechgpt_fairseq.data.vocabulary import Vocabulary
+
+
+@pytest.fixture(scope="module")
+def vocab(sentencepiece_model):
+    return Vocabulary.from_tokenizer(sentencepiece_model, num_units=20)
+
+
+def line(prefix, plain_text):
+    return json.dumps({"prefix": prefix, "plain_text": plain_text}) + "\n"
+
+
+def test_segments_split_system_prompt_and_response(vocab):
+    ex = Example("You are a helpful assistant.\n", cross_modal("Transcribe it.", "<sosp><1><2><eosp>", "a cup"))
+    ids, segs = encode_example(ex, vocab)
+    assert len(ids) == len(segs) and ids[-1] == vocab.eos
+    system = vocab.encode(ex.prefix)
+    assert ids[:len(system)] == system and set(segs[:len(system)]) == {SYSTEM}
+    prompt_end = segs.index(RESPONSE)
+    assert vocab.tokens[ids[prompt_end - 1]] == ":" or vocab.decode(ids[:prompt_end]).endswith("[SpeechGPT]:")
+    assert set(segs[len(system):prompt_end]) == {PROMPT} and set(segs[prompt_end:]) == {RESPONSE}
+    assert vocab.decode(ids[prompt_end:]) == " a cup<eoa>"
+
+
+def test_response_is_encoded_as_the_model_will_see_it(vocab):
+    """Prompt ids followed by response ids: what generation from the prompt has to produce."""
+    ex = Example("", cross_modal("Say it.", "the quick fox", "<sosp><3><4><eosp>"))
+    ids, segs = encode_example(ex, vocab)
+    prompt = [i for i, s in zip(ids, segs) if s == PROMPT]
+    assert prompt == vocab.encode(ex.plain_text[:ex.plain_text.index("[SpeechGPT]:") + len("[SpeechGPT]:")])
+
+
+def test_binarized_examples_read_back(vocab, tmp_path):
+    exs = [Example("", cross_modal("Transcribe.", f"<sosp><{k}><{k + 1}><eosp>", f"word {k}")) for k in range(5)]
+    (tmp_path / "a.jsonl").write_text("".join(line(e.prefix, e.plain_text) for e in exs) + "\n")
+    (stats,) = prepare_instructions({"train": tmp_path / "a.jsonl"}, tmp_path / "out", vocab, show_progress=False)
+    assert stats.records == 5 and stats.skipped == {"empty line": 1}
+    tokens, segs = MMapIndexedDataset(str(tmp_path / "out" / "train")), MMapIndexedDataset(str(tmp_path / "out" / "train.seg"))
+    for i, e in enumerate(exs):
+        expected = encode_example(e, vocab)
+        assert tokens[i].tolist() == expected[0] and segs[i].tolist() == expected[1]
+
+
+BAD = [
+    ('{"prefix": "", "plain_text": "[Human]: hi<eoh> [SpeechGPT]: ok<eoa>"\n', "malformed JSON", "malformed JSON"),
+    ('{"plain_text": "[Human]: hi<eoh> [SpeechGPT]: ok<eoa>"}\n', "missing field 'prefix'", "missing field"),
+    (line("", "[Human]: hi<eoh> there is no answer"), "no '[SpeechGPT]:'", "not a SpeechGPT exchange"),
+    (line("", "[Human]: hi<eoh> [SpeechGPT]:   "), "response after '[SpeechGPT]:' is empty", "not a SpeechGPT exchange"),
+    (line("", "[Human]: hi<eoh> [SpeechGPT]: <sosp><3><25><eosp><eoa>"), "unit 25 is out of range", "bad speech units"),
+    (line("", "[Human]: <sosp><3><x><eosp><eoh> [SpeechGPT]: ok"), "unknown token '<x>'", "bad speech units"),
+    ("[1, 2]\n", "expected a JSON object", "not an object"),
+]
+
+
+@pytest.mark.parametrize("bad,message,reason", BAD, ids=[b[2] + "-" + b[1][:12] for b in BAD])
+def test_bad_lines_name_file_and_line_or_are_counted(vocab, tmp_path, bad, message, reason):
+    good = line("", cross_modal("Transcribe.", "<sosp><1><eosp>", "fine"))
+    (tmp_path / "a.jsonl").write_text(good + bad + good)
+    out = tmp_path / "out"
+    with pytest.raises(BinarizeError, match="a.jsonl:2: .*" + re.escape(message)):
+        prepare_instructions({"train": tmp_path / "a.jsonl"}, out, vocab, show_progress=False)
+    assert not out.exists() or [p.name for p in out.iterdir()] == []
+    (stats,) = prepare_instructions({"train": tmp_path / "a.jsonl"}, out, vocab, skip_bad=True, show_progress=False)
+    assert stats.records == 2 and stats.skipped == {reason: 1}

@@ -1,0 +1,65 @@
+"""The generator: stop text (several tokens, not inside the prompt) and prompt prefill, on a known model."""
+import torch
+
+import speechgpt_fairseq  # noqa: F401
+from speechgpt_fairseq.data.vocabulary import Vocabulary
+from speechgpt_fairseq.models.generation import PromptPrefillGenerator
+from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
+
+
+def chain_model(vocab: Vocabulary, chain: dict[str, str]):
+    """A 0-layer LLaMA that is a bigram table: after token a it predicts chain[a] with certainty."""
+    class Task:
+        target_dictionary = vocab.to_dictionary()
+
+    n = len(vocab)
+    cfg = SpeechGPTLlamaConfig(decoder_layers=0, decoder_embed_dim=n, decoder_attention_heads=1,
+                               decoder_ffn_embed_dim=4)
+    model = SpeechGPTLlamaModel.build_model(cfg, Task).eval()
+    with torch.no_grad():
+        model.decoder.embed_tokens.weight.copy_(torch.eye(n))
+        model.decoder.lm_head.weight.zero_()
+        for a, b in chain.items():
+            model.decoder.lm_head.weight[vocab.index[b], vocab.index[a]] = 50.0
+    return model
+
+
+def generate(model, vocab, prompt: list[str], stop_text: str | None):
+    d = model.decoder.dictionary
+    ids = torch.tensor([[vocab.index[t] for t in prompt]])
+    src = torch.cat([torch.tensor([[vocab.bos]]), ids], 1)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor([src.size(1)])}, "id": torch.tensor([0])}
+    gen = PromptPrefillGenerator([model], d, stop_text=stop_text, beam_size=1, max_len_b=14)
+    tokens = gen.generate([model], sample, prefix_tokens=ids, bos_token=vocab.bos)[0][0]["tokens"].tolist()
+    return [vocab.tokens[i] for i in tokens]
+
+
+VOCAB = Vocabulary.units_only(5)
+CHAIN = {"<s>": "<sosp>", "<sosp>": "<1>", "<1>": "<2>", "<2>": "<3>", "<3>": "<4>", "<4>": "<0>", "<0>": "<1>"}
+
+
+def test_generation_stops_after_a_multi_token_stop_text():
+    model = chain_model(VOCAB, CHAIN)
+    assert generate(model, VOCAB, ["<sosp>"], "<1><2>") == ["<sosp>", "<1>", "<2>", "</s>"]
+    without = generate(model, VOCAB, ["<sosp>"], None)
+    assert without[:7] == ["<sosp>", "<1>", "<2>", "<3>", "<4>", "<0>", "<1>"] and len(without) > 8
+
+
+def test_stop_text_inside_the_prompt_does_not_stop():
+    model = chain_model(VOCAB, CHAIN)
+    out = generate(model, VOCAB, ["<sosp>", "<1>", "<2>"], "<1><2>")
+    assert out == ["<sosp>", "<1>", "<2>", "<3>", "<4>", "<0>", "<1>", "<2>", "</s>"]
+
+
+def test_stop_text_spanning_prompt_and_response_does_not_stop():
+    """Only generated tokens count: a prompt ending in <1> followed by a generated <2> is not a stop."""
+    model = chain_model(VOCAB, CHAIN)
+    out = generate(model, VOCAB, ["<sosp>", "<1>"], "<1><2>")
+    assert out[:6] == ["<sosp>", "<1>", "<2>", "<3>", "<4>", "<0>"]
+
+
+def test_token_texts_read_byte_pieces(sentencepiece_model):
+    """SpeechGPT's <eoa> is several pieces; a byte-fallback piece counts as its character."""
+    v = Vocabulary.from_tokenizer(sentencepiece_model, num_units=5)
+    ids = v.encode(" basket<eoa>", continuation=True)
+    assert "".join(v.token_texts[i] for i in ids) == " basket<eoa>"
