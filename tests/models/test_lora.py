@@ -9,7 +9,7 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
-import speechgpt_fairseq  # noqa: F401
+import speechgpt_fairseq  # noqa: F401  (registers the model and task)
 from speechgpt_fairseq.data.vocabulary import Vocabulary
 from speechgpt_fairseq.models.hf import HFCheckpointError, convert_hf, export_hf, fairseq_checkpoint, import_peft
 from speechgpt_fairseq.models.llama import ModelConfigError, SpeechGPTLlamaConfig, SpeechGPTLlamaModel
@@ -221,7 +221,7 @@ def test_imported_adapter_equals_peft_merged_kept_and_exported(hf_llama, convert
     assert all(is_lora_key(k) or k == "decoder.vocab_digest" for k in weights)
 
 
-def test_import_peft_command(make_hf_llama, sentencepiece_model, base_fs, cli, tmp_path):
+def test_import_peft_command(base_fs, cli, tmp_path):
     adapter, _ = make_peft_adapter(base_fs.parent / "hf", tmp_path / "adapter", ("q_proj", "o_proj"))
     cli("speechgpt", "import-peft", base_fs, tmp_path / "out", "--adapter", adapter)
     cfg = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["cfg"]["model"]
@@ -230,6 +230,19 @@ def test_import_peft_command(make_hf_llama, sentencepiece_model, base_fs, cli, t
     assert "lora_rank: 4" in (tmp_path / "out" / "model.yaml").read_text()
     run = cli("speechgpt", "import-peft", base_fs, tmp_path / "out", "--adapter", adapter, check=False)
     assert run.returncode == 1 and "exists and is not empty" in run.stderr
+
+    # adapter_model.bin (older PEFT releases) reads the same as adapter_model.safetensors
+    from safetensors.torch import load_file
+
+    as_bin = tmp_path / "bin"
+    as_bin.mkdir()
+    shutil.copy(adapter / "adapter_config.json", as_bin)
+    torch.save(load_file(str(adapter / "adapter_model.safetensors")), as_bin / "adapter_model.bin")
+    cli("speechgpt", "import-peft", base_fs / "checkpoint.pt", tmp_path / "merged-bin", "--adapter", as_bin, "--merge")
+    a = torch.load(import_peft(base_fs, tmp_path / "merged", adapter, merge=True) / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "merged-bin" / "checkpoint.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert b["cfg"]["model"]["lora_rank"] == 0
 
 
 def test_bad_adapters_are_refused_naming_the_file(base_fs, tmp_path):
@@ -295,8 +308,7 @@ def train(cli, cwd: Path, *overrides):
 def test_stage1_with_lora_trains_only_the_adapters_and_resumes(cli, tmp_path):
     train(cli, tmp_path / "full", "optimization.max_update=2")
     base = tmp_path / "full" / "checkpoints" / "stage1-tiny" / "checkpoint_last.pt"
-    # ++: the model presets list only the fields they set, so Hydra is told to add these
-    lora = ["++model.lora_rank=4", f"++model.lora_base={base}", "lr_scheduler.total_num_update=8",
+    lora = ["model.lora_rank=4", f"model.lora_base={base}", "lr_scheduler.total_num_update=8",
             "checkpoint.save_interval_updates=4"]
     train(cli, tmp_path / "straight", *lora, "optimization.max_update=8")
     train(cli, tmp_path / "resumed", *lora, "optimization.max_update=4")

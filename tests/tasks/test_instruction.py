@@ -104,3 +104,23 @@ def test_generate_batched_equals_one_by_one_and_scores(cli, sft_data, trained, t
     assert summary["text_wer"]["n"] + summary["units_uer"]["n"] == 12
     rows = [json.loads(line) for line in (tmp_path / "parsed.jsonl").read_text().splitlines()]
     assert all(("text_wer" in r) != ("units_uer" in r) for r in rows)
+
+
+def test_python_api_generates_what_fairseq_generate_does(cli, sft_data, trained, tmp_path):
+    from speechgpt_fairseq.data.prompts import split_turn
+    from speechgpt_fairseq.inference import SPEECHGPT_SAMPLING, SpeechGPTModel
+
+    ckpt, _ = trained
+    out = generate(cli, sft_data, ckpt, tmp_path, 8)
+    prompts = {int(line.split("\t")[0][2:]): line.split("\t")[1] for line in out.splitlines() if line.startswith("S-")}
+    expected = {int(line.split("\t")[0][2:]): line.split("\t")[2] for line in out.splitlines() if line.startswith("D-")}
+    model = SpeechGPTModel.from_checkpoint(ckpt)
+    ids = sorted(prompts)[:5]
+    # fairseq-generate's limit --max-len-a 1 --max-len-b 60 allows 61 tokens after the prompt, then </s>
+    responses = model.generate([prompts[i] for i in ids], max_new_tokens=61)
+    for i, response in zip(ids, responses):
+        assert response.removesuffix("<eoa>").strip() == expected[i]
+    a = model.generate([prompts[ids[0]]], max_new_tokens=20, sampling=SPEECHGPT_SAMPLING, seed=5)
+    b = model.generate([prompts[ids[0]]], max_new_tokens=20, sampling=SPEECHGPT_SAMPLING, seed=5)
+    assert a == b
+    assert split_turn(prompts[ids[0]] + response)[0] == prompts[ids[0]]
