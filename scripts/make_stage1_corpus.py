@@ -1,33 +1,45 @@
 #!/usr/bin/env python
-"""Make the small stage-1 unit corpus that ships in examples/stage1/corpus/.
+"""Make the small unit corpus that ships in examples/stage1/corpus/ (stages 1, 2 and 3 of the tiny pipeline).
 
 English sentences from a small grammar are spoken by espeak-ng (several voices and rates), turned into
 39-dim MFCC features (HuBERT's first k-means iteration), clustered with k-means, labelled, and the
 consecutive repeats merged, as SpeechGPT does. Sentences are split into train / valid / test before
-synthesis, so held-out sentences never occur in train. Everything is seeded:
+synthesis, so held-out sentences never occur in train. Question/answer pairs from a second grammar (answers
+are sentences of the same kinds) are spoken and labelled with the same k-means model, for chain-of-modality
+data; a small LLaMA-style sentencepiece tokenizer is trained on all the text. Everything is seeded:
 
     python scripts/make_stage1_corpus.py --out examples/stage1/corpus
 
-Writes train.km, valid.km (fairseq k-means label lines), test.txt (prompts: `<sosp>` + the first 30% of
-each held-out utterance's units, no `<eosp>`), README.md, and kmeans.bin with --save-kmeans.
+Writes train.km, valid.km, test.km (fairseq k-means label lines), train.wrd, valid.wrd, test.wrd
+(transcripts), test.txt (prompts: `<sosp>` + the first 30% of each held-out utterance's units, no `<eosp>`),
+qa_train.jsonl, qa_valid.jsonl, qa_test.jsonl (`speechgpt build-com` manifests), tokenizer.model,
+README.md, and kmeans.bin with --save-kmeans.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import logging
 import random
+import re
 import shlex
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib.metadata import version
 from itertools import product
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 from tqdm import tqdm
 
+from speechgpt_fairseq.data.builders import shipped_templates
+from speechgpt_fairseq.data.prompts import COM_FORMATS, chain_of_modality, cross_modal
+from speechgpt_fairseq.data.vocabulary import SPEECHGPT_TOKENS
 from speechgpt_fairseq.speech.audio import read_audio
 from speechgpt_fairseq.speech.kmeans import KmeansLabeler, fit_kmeans, save_kmeans
 from speechgpt_fairseq.speech.mfcc import mfcc_features
@@ -126,19 +138,173 @@ TEMPLATES = {
 }
 
 
-def sample_sentences(n: int, rng: random.Random) -> list[str]:
-    """`n` distinct sentences: each draw picks a sentence family uniformly, then an unused sentence of it."""
-    pools = {name: sorted(set(make())) for name, make in TEMPLATES.items()}
+def draw_from_families(families: dict[str, list], n: int, rng: random.Random, what: str = "sentences") -> list:
+    """`n` distinct items: each draw picks a family uniformly, then an unused item of it."""
+    pools = {name: sorted(set(items)) for name, items in families.items()}
     for pool in pools.values():
         rng.shuffle(pool)
     total = sum(map(len, pools.values()))
     if n > total:
-        raise SystemExit(f"asked for {n} sentences but the grammar has only {total}")
+        raise SystemExit(f"asked for {n} {what} but the grammar has only {total}")
     out = []
     while len(out) < n:
         name = rng.choice([k for k, pool in pools.items() if pool])
         out.append(pools[name].pop())
     return out
+
+
+def sample_sentences(n: int, rng: random.Random) -> list[str]:
+    """`n` distinct sentences of the grammar."""
+    return draw_from_families({name: make() for name, make in TEMPLATES.items()}, n, rng)
+
+
+# ------------------------------------------------------------------------------ question/answer grammar
+# Questions whose answers are sentences of the kinds above, for chain-of-modality data (stage 3). Each question
+# has one answer: computed (arithmetic, comparisons, calendar, facts) or read from a hidden world drawn once
+# per seed (where things are, how many there are, when the train leaves).
+
+MORE_ABILITIES = {"people": ["swim", "run", "jump", "climb"], "dogs": ["walk", "jump"], "cats": ["walk", "jump"],
+                  "horses": ["walk"]}
+INABILITIES = {  # clear-cut only: "can snakes walk" -> "no, snakes cannot walk"
+    "fish": ["run", "bark", "read", "talk"], "birds": ["bark", "read"], "dogs": ["fly", "read", "talk"],
+    "cats": ["fly", "bark", "read", "talk"], "frogs": ["fly", "bark", "read", "talk"],
+    "horses": ["fly", "bark", "read", "talk"], "ducks": ["bark", "read", "talk"],
+    "snakes": ["fly", "run", "walk", "bark", "read", "talk"], "bees": ["bark", "read", "talk"],
+    "people": ["fly", "bark"],
+}
+OPPOSITES = [  # (subject, verb, what it is, what it is not): "is snow hot" -> "no, snow is cold"
+    ("the sun", "is", "hot", "cold"), ("snow", "is", "cold", "hot"), ("ice", "is", "cold", "hot"),
+    ("fire", "is", "hot", "cold"), ("lemons", "are", "sour", "sweet"), ("honey", "is", "sweet", "sour"),
+    ("rocks", "are", "hard", "soft"), ("pillows", "are", "soft", "hard"), ("the night", "is", "dark", "bright"),
+    ("water", "is", "wet", "dry"), ("feathers", "are", "light", "heavy"),
+]
+COLOUR_OF = {"the sky": "blue", "grass": "green", "milk": "white", "coal": "black", "snow": "white"}
+PARTS_OF = [("a week", "days", 7), ("a year", "months", 12), ("a day", "hours", 24), ("an hour", "minutes", 60)]
+
+
+@dataclass(frozen=True)
+class World:
+    """What place, counting and timetable questions ask about, drawn once per seed; the decoys are the wrong
+    guesses of the questions answered "no"."""
+
+    place: dict[tuple[str, str], tuple[str, str]]  # (colour, object) -> (relation, place)
+    place_decoy: dict[tuple[str, str], tuple[str, str]]
+    count: dict[tuple[str, str, str], int]  # (colour, object, container) -> 2..12
+    count_decoy: dict[tuple[str, str, str], int]
+    train: dict[str, tuple[int, int]]  # day -> (hour, minute) the train leaves
+    train_decoy: dict[str, tuple[int, int]]
+
+
+def make_world(rng: random.Random) -> World:
+    place, place_decoy = {}, {}
+    for c, o in product(COLOURS, OBJECTS):
+        place[c, o], place_decoy[c, o] = rng.sample([(r, p) for r, p in product(RELATIONS, PLACES) if p != o], 2)
+    count, count_decoy = {}, {}
+    for c, o, b in product(COLOURS, OBJECTS, CONTAINERS):
+        if o != b:
+            count[c, o, b], count_decoy[c, o, b] = rng.sample(range(2, 13), 2)
+    train, train_decoy = {}, {}
+    for d in DAYS:
+        train[d], train_decoy[d] = rng.sample(list(product(range(1, 13), (15, 30, 45))), 2)
+    return World(place, place_decoy, count, count_decoy, train, train_decoy)
+
+
+def _arithmetic_qa(world: World) -> list[tuple[str, str]]:
+    out = []
+    for a, b in product(range(11), repeat=2):
+        for op, value in [("plus", a + b), ("times", a * b)] + ([("minus", a - b)] if a >= b else []):
+            expr = f"{number_words(a)} {op} {number_words(b)}"
+            out.append((f"what is {expr}", f"{expr} is {number_words(value)}"))
+    return out
+
+
+def _comparison_qa(world: World) -> list[tuple[str, str]]:
+    out = []
+    for a, b in product(range(21), repeat=2):
+        if a != b:
+            x, y, truth = number_words(a), number_words(b), "more" if a > b else "less"
+            for asked in ("more", "less"):
+                out.append((f"is {x} {asked} than {y}", f"{'yes' if asked == truth else 'no'}, {x} is {truth} than {y}"))
+    return out
+
+
+def _calendar_qa(world: World) -> list[tuple[str, str]]:
+    out = []
+    for i, d in enumerate(DAYS):
+        (hour, minute), (hour2, minute2) = world.train[d], world.train_decoy[d]
+        at, decoy = f"{number_words(hour)} {number_words(minute)}", f"{number_words(hour2)} {number_words(minute2)}"
+        fact = f"the train leaves at {at} on {d}"
+        out += [(f"what day comes after {d}", f"the day after {d} is {DAYS[(i + 1) % 7]}"),
+                (f"what day comes before {d}", f"the day before {d} is {DAYS[i - 1]}"),
+                (f"when does the train leave on {d}", fact),
+                (f"does the train leave at {at} on {d}", f"yes, {fact}"),
+                (f"does the train leave at {decoy} on {d}", f"no, {fact}")]
+    for i, m in enumerate(MONTHS):
+        out += [(f"what month comes after {m}", f"the month after {m} is {MONTHS[(i + 1) % 12]}"),
+                (f"what month comes before {m}", f"the month before {m} is {MONTHS[i - 1]}")]
+    return out
+
+
+def _place_qa(world: World) -> list[tuple[str, str]]:
+    out = []
+    for (c, o), (r, p) in world.place.items():
+        fact, (r2, p2) = f"the {c} {o} is {r} the {p}", world.place_decoy[c, o]
+        out += [(f"where is the {c} {o}", fact), (f"is the {c} {o} {r} the {p}", f"yes, {fact}"),
+                (f"is the {c} {o} {r2} the {p2}", f"no, {fact}")]
+    return out
+
+
+def _count_qa(world: World) -> list[tuple[str, str]]:
+    out = []
+    for (c, o, b), n in world.count.items():
+        things, decoy = f"{c} {PLURAL[o]}", number_words(world.count_decoy[c, o, b])
+        fact = f"there are {number_words(n)} {things} in the {b}"
+        out += [(f"how many {things} are in the {b}", fact),
+                (f"are there {number_words(n)} {things} in the {b}", f"yes, {fact}"),
+                (f"are there {decoy} {things} in the {b}", f"no, {fact}")]
+    return out
+
+
+def _fact_qa(world: World) -> list[tuple[str, str]]:
+    out = [(f"can {animal} {verb}", f"yes, {animal} can {verb}")
+           for animal in ABILITIES for verb in ABILITIES[animal] + MORE_ABILITIES.get(animal, [])]
+    out += [(f"can {animal} {verb}", f"no, {animal} cannot {verb}") for animal, verbs in INABILITIES.items()
+            for verb in verbs]
+    for subject, verb, true, false in OPPOSITES:
+        fact = f"{subject} {verb} {true}"
+        out += [(f"{verb} {subject} {true}", f"yes, {fact}"), (f"{verb} {subject} {false}", f"no, {fact}")]
+    out += [(f"what colour is {thing}", f"{thing} is {colour}") for thing, colour in COLOUR_OF.items()]
+    out += [(f"how many {parts} does {whole} have", f"{whole} has {number_words(n)} {parts}")
+            for whole, parts, n in PARTS_OF]
+    return out
+
+
+QA_FAMILIES = {
+    "arithmetic": _arithmetic_qa,
+    "comparisons": _comparison_qa,
+    "calendar and timetable": _calendar_qa,
+    "places": _place_qa,
+    "counting": _count_qa,
+    "facts": _fact_qa,
+}
+
+
+def qa_grammar(world: World) -> dict[str, list[tuple[str, str]]]:
+    """Every (question, answer) pair per family; a question asked twice with two answers is a bug."""
+    families = {name: make(world) for name, make in QA_FAMILIES.items()}
+    answer_of: dict[str, str] = {}
+    for q, a in (pair for pairs in families.values() for pair in pairs):
+        if answer_of.setdefault(q, a) != a:
+            raise AssertionError(f"the question {q!r} has two answers: {answer_of[q]!r} and {a!r}")
+    return families
+
+
+def sample_qa(n: int, world: World, rng: random.Random) -> list[tuple[str, str]]:
+    """`n` distinct pairs, drawn as the sentences are, then shuffled: the small families run out first, and
+    the shuffle gives every split its share of them."""
+    pairs = draw_from_families(qa_grammar(world), n, rng, "question/answer pairs")
+    rng.shuffle(pairs)
+    return pairs
 
 
 # ----------------------------------------------------------------------------------- speech to features
@@ -154,10 +320,49 @@ def speak_and_featurize(job: tuple[int, str, str, int], workdir: Path) -> np.nda
     return feats
 
 
-def featurize_all(jobs: list[tuple[int, str, str, int]], num_workers: int) -> list[np.ndarray]:
+def featurize_all(jobs: list[tuple[int, str, str, int]], num_workers: int,
+                  desc: str = "espeak-ng + MFCC") -> list[np.ndarray]:
     with tempfile.TemporaryDirectory(prefix="stage1_corpus_") as tmp, ThreadPoolExecutor(num_workers) as pool:
         results = pool.map(lambda job: speak_and_featurize(job, Path(tmp)), jobs)
-        return list(tqdm(results, total=len(jobs), desc="espeak-ng + MFCC", unit="utt"))
+        return list(tqdm(results, total=len(jobs), desc=desc, unit="utt"))
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+# LLaMA's tokenizer.model settings (its trainer and normalizer specs), except character_coverage: LLaMA's
+# 0.99995 would send this small corpus's rarest characters to byte fallback. One thread and no sampling of
+# the input keep the model file the same from run to run.
+TOKENIZER_OPTIONS = dict(
+    model_type="bpe", byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=True,
+    remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+    num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
+)
+# What the vocabulary adds after the base tokenizer: the text encoder splits there, sentencepiece never sees it.
+_ADDED_TOKENS = re.compile("|".join([r"<\d+>", *map(re.escape, SPEECHGPT_TOKENS)]))
+
+
+def tokenizer_text(sentences: list[str], pairs: list[tuple[str, str]]) -> list[str]:
+    """Every sentence, question and answer, and the text between the added tokens of the stage-2 prompts
+    (each sentence as ASR and TTS, instructions from the shipped templates in turn) and of the stage-3 prompts
+    (each pair in the four chain-of-modality formats): the prompt markup (": ", " This is input: ", "<eoa>",
+    "; [ta] ", "; [ua] ", " Answer in text.", ...) as the tokenizer will meet it."""
+    asr, tts = shipped_templates("asr"), shipped_templates("tts")
+    speech = format_unit_string([0])  # any unit string: split off with the added tokens
+    prompts = [cross_modal(asr[i % len(asr)], speech, text) for i, text in enumerate(sentences)]
+    prompts += [cross_modal(tts[i % len(tts)], text, speech) for i, text in enumerate(sentences)]
+    prompts += [chain_of_modality(fmt, q, a, [0], [0]) for q, a in pairs for fmt in COM_FORMATS]
+    segments = [segment for prompt in prompts for segment in _ADDED_TOKENS.split(prompt) if segment]
+    return [*sentences, *(text for pair in pairs for text in pair), *segments]
+
+
+def train_tokenizer(lines: list[str], vocab_size: int, seed: int) -> bytes:
+    """A LLaMA-style sentencepiece model (BPE, byte fallback, unk=0 bos=1 eos=2, no pad) of `lines`."""
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                                   **TOKENIZER_OPTIONS)
+    return model.getvalue()
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -167,8 +372,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--num-utterances", type=int, nargs=3, default=[2000, 200, 50], metavar=("TRAIN", "VALID", "TEST"),
                    help="utterances per split (distinct sentences)")
+    p.add_argument("--qa", type=int, nargs=3, default=[1500, 150, 50], metavar=("TRAIN", "VALID", "TEST"),
+                   help="spoken question/answer pairs per split (distinct questions)")
     p.add_argument("--num-units", type=int, default=100, help="k-means clusters K")
-    p.add_argument("--seed", type=int, default=1, help="seed for sentences, voices, frame sampling and k-means")
+    p.add_argument("--vocab-size", type=int, default=1000, help="pieces of tokenizer.model (LLaMA's has 32000)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed for sentences, voices, frame sampling and k-means; the question/answer world, pairs "
+                        "and voices use a stream of their own")
     p.add_argument("--kmeans-frames", type=int, default=200_000,
                    help="at most this many train frames, sampled uniformly, to fit k-means")
     p.add_argument("--save-kmeans", action="store_true", help="also write the k-means model as kmeans.bin")
@@ -187,6 +397,17 @@ def main(argv: list[str] | None = None) -> None:
     bounds = np.cumsum([0, *counts.values()])
     splits = {name: range(bounds[k], bounds[k + 1]) for k, name in enumerate(counts)}
 
+    # Question/answer pairs draw from their own stream, so the sentences, their voices and the k-means fit do
+    # not depend on them.
+    qa_rng = random.Random(f"qa-{args.seed}")
+    qa_counts = dict(zip(["train", "valid", "test"], args.qa))
+    world = make_world(qa_rng)
+    pairs = sample_qa(sum(qa_counts.values()), world, qa_rng)
+    qa_jobs = [(i, text, qa_rng.choice(VOICES), qa_rng.choice(RATES))
+               for i, text in enumerate(text for pair in pairs for text in pair)]  # question 2k, answer 2k+1
+    qa_bounds = np.cumsum([0, *qa_counts.values()])
+    qa_splits = {name: range(qa_bounds[k], qa_bounds[k + 1]) for k, name in enumerate(qa_counts)}
+
     feats = featurize_all(jobs, args.workers)
     train_frames = np.concatenate([feats[i] for i in splits["train"]])
     sample = np.random.default_rng(args.seed).permutation(len(train_frames))[:args.kmeans_frames]
@@ -194,15 +415,23 @@ def main(argv: list[str] | None = None) -> None:
     model = fit_kmeans(train_frames[sample], args.num_units, seed=args.seed)
     labeler = KmeansLabeler(model)
     units = [dedup_units(labeler(f).tolist()) for f in feats]
+    qa_feats = featurize_all(qa_jobs, args.workers, desc="espeak-ng + MFCC, questions and answers")
+    qa_units = [dedup_units(labeler(f).tolist()) for f in qa_feats]
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("train", "valid", "test"):
         (args.out / f"{name}.km").write_text("".join(format_kmeans_labels(units[i]) + "\n" for i in splits[name]))
         (args.out / f"{name}.wrd").write_text("".join(sentences[i] + "\n" for i in splits[name]))
+        (args.out / f"qa_{name}.jsonl").write_text("".join(
+            json.dumps({"text_i": pairs[k][0], "text_r": pairs[k][1],
+                        "units_i": qa_units[2 * k], "units_r": qa_units[2 * k + 1]}) + "\n"
+            for k in qa_splits[name]))
     prompts = [units[i][:max(1, round(PROMPT_FRACTION * len(units[i])))] for i in splits["test"]]
     (args.out / "test.txt").write_text("".join(format_unit_string(p, closed=False) + "\n" for p in prompts))
     if args.save_kmeans:
         save_kmeans(model, args.out / "kmeans.bin")
+    tokenizer = train_tokenizer(tokenizer_text(sentences, pairs), args.vocab_size, args.seed)
+    (args.out / "tokenizer.model").write_bytes(tokenizer)
 
     stats = {
         "frames": sum(len(feats[i]) for i in splits["train"]),
@@ -210,26 +439,74 @@ def main(argv: list[str] | None = None) -> None:
         "units": {name: np.mean([len(units[i]) for i in splits[name]]) for name in counts},
         "prompt_units": np.mean([len(p) for p in prompts]),
         "grammar": {name: len(set(make())) for name, make in TEMPLATES.items()},
+        "qa": qa_stats(world, pairs, qa_splits, qa_units),
+        "tokenizer": tokenizer_stats(tokenizer, sentences, pairs),
     }
-    (args.out / "README.md").write_text(readme(args, argv, counts, stats))
+    (args.out / "README.md").write_text(readme(args, argv, counts, qa_counts, stats))
     logger.info("wrote %s: average units per utterance after dedup %s", args.out,
                 {k: round(float(v), 1) for k, v in stats["units"].items()})
 
 
-def readme(args: argparse.Namespace, argv: list[str] | None, counts: dict[str, int], stats: dict) -> str:
+def _statement(answer: str) -> str:
+    """What an answer states: "no, the red cup is on the table" -> "the red cup is on the table"."""
+    return answer.removeprefix("yes, ").removeprefix("no, ")
+
+
+def qa_stats(world: World, pairs: list[tuple[str, str]], splits: dict[str, range], units: list[list[int]]) -> dict:
+    """Per family: pairs in the grammar and per split, and held-out pairs whose answer states what a train
+    answer states (the only way to know a hidden-world answer)."""
+    grammar = qa_grammar(world)
+    family = {pair: name for name, family_pairs in grammar.items() for pair in family_pairs}
+    known = {_statement(pairs[k][1]) for k in splits["train"]}
+    table = {name: {"grammar": len(family_pairs), **dict.fromkeys(splits, 0), "stated": 0}
+             for name, family_pairs in grammar.items()}
+    for split, ks in splits.items():
+        for k in ks:
+            row = table[family[pairs[k]]]
+            row[split] += 1
+            row["stated"] += split != "train" and _statement(pairs[k][1]) in known
+    return {"families": table,
+            "question_units": np.mean([len(units[2 * k]) for k in range(len(pairs))]),
+            "answer_units": np.mean([len(units[2 * k + 1]) for k in range(len(pairs))])}
+
+
+def tokenizer_stats(model: bytes, sentences: list[str], pairs: list[tuple[str, str]]) -> dict:
+    """Tokens per word of the corpus text and of the shipped instruction templates, and an example."""
+    sp = spm.SentencePieceProcessor(model_proto=model)
+
+    def per_word(texts: list[str]) -> float:
+        return sum(len(sp.encode(t)) for t in texts) / sum(len(t.split()) for t in texts)
+
+    templates = shipped_templates("asr") + shipped_templates("tts")
+    return {"pieces": sp.get_piece_size(), "sentences": per_word(sentences),
+            "qa": per_word([t for pair in pairs for t in pair]), "templates": per_word(templates),
+            "example": (templates[0], sp.encode(templates[0], out_type=str))}
+
+
+def readme(args: argparse.Namespace, argv: list[str] | None, counts: dict[str, int], qa_counts: dict[str, int],
+           stats: dict) -> str:
     command = " ".join(["python scripts/make_stage1_corpus.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     grammar = ", ".join(f"{name} {n}" for name, n in stats["grammar"].items())
     espeak = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout.split("Data")[0].strip()
     versions = f"{espeak}; kaldi-native-fbank {version('kaldi-native-fbank')}, " \
-               f"scikit-learn {version('scikit-learn')}, numpy {version('numpy')}, soxr {version('soxr')}"
-    units = stats["units"]
+               f"scikit-learn {version('scikit-learn')}, numpy {version('numpy')}, soxr {version('soxr')}, " \
+               f"sentencepiece {version('sentencepiece')}"
+    units, qa, tok = stats["units"], stats["qa"], stats["tokenizer"]
+    families = qa["families"]
+    qa_table = "\n".join(f"   | {name} | {row['grammar']} | {row['train']} | {row['valid']} | {row['test']} | "
+                         f"{row['stated']} |" for name, row in families.items())
+    held_out = sum(row["valid"] + row["test"] for row in families.values())
+    stated = sum(row["stated"] for row in families.values())
     kmeans_file = ("`kmeans.bin`: the k-means model (joblib, scikit-learn), to label new audio the same way."
                    if args.save_kmeans else
                    "The k-means model is not shipped: rerun the command with `--save-kmeans` to get `kmeans.bin`.")
-    return f"""# Stage-1 unit corpus (synthetic speech, MFCC k-means units)
+    example, pieces = tok["example"]
+    return f"""# Stage-1 unit corpus (synthetic speech, MFCC k-means units), spoken questions and answers, a tokenizer
 
-A small, real corpus of discrete speech units for stage 1 (`unit_lm`), made on CPU in about a minute
-(two cores) by `scripts/make_stage1_corpus.py`, from the repository root:
+A small, real corpus of discrete speech units for the tiny pipeline: unit sequences for stage 1
+(`unit_lm`), (speech, transcript) pairs for stage 2, spoken question/answer pairs for stage 3
+(chain-of-modality), and a small LLaMA-style text tokenizer. Made on CPU in about two minutes (two cores)
+by `scripts/make_stage1_corpus.py`, from the repository root:
 
     {command}
 
@@ -255,6 +532,37 @@ A small, real corpus of discrete speech units for stage 1 (`unit_lm`), made on C
    (`speechgpt_fairseq/speech/kmeans.py`). Every frame is labelled with its nearest centroid and
    consecutive repeats are merged (SpeechGPT's deduplicated units). Average units per utterance after
    dedup: train {units['train']:.1f}, valid {units['valid']:.1f}, test {units['test']:.1f}.
+5. **Questions and answers.** {sum(qa_counts.values())} distinct pairs drawn from a second grammar whose answers are
+   sentences of the kinds above, with a random stream of their own (seeded from seed {args.seed}), so that
+   steps 1-4 do not depend on them. Every question has exactly one answer: computed where it can be
+   (arithmetic, comparisons, days and months, facts), otherwise read from a hidden world drawn once per
+   seed (where each coloured object is, how many of each are in each container, when the train leaves each
+   day). Yes/no questions are answered "yes, STATEMENT" or "no, STATEMENT"; a "no" question asks about a
+   decoy drawn with the world. Examples: "what is seven plus two" -> "seven plus two is nine",
+   "can snakes walk" -> "no, snakes cannot walk", "where is the red cup" -> "the red cup is in front of the
+   table". Pairs are drawn as the sentences are, then shuffled (small families run out first) and split
+   into {qa_counts['train']} train, {qa_counts['valid']} valid and {qa_counts['test']} test pairs: no question is in two splits.
+
+   | family | grammar | train | valid | test | held out, statement in a train answer |
+   |---|---|---|---|---|---|
+{qa_table}
+
+   {stated} of the {held_out} held-out answers state what some train answer states (e.g. "is the red cup under
+   the bed" in train, "where is the red cup" held out); for the hidden world that is the only way to know.
+   Question and answer are each spoken as in step 2 (voice and rate drawn per utterance from the QA stream)
+   and labelled with the k-means model of step 4, which never saw them; repeats merged. Average units:
+   question {qa['question_units']:.1f}, answer {qa['answer_units']:.1f}.
+6. **Tokenizer.** sentencepiece BPE with LLaMA's settings (byte fallback, identity normalization, dummy
+   prefix, extra whitespace kept, digits split, whitespace-only pieces; unk=0, bos=1, eos=2, no pad),
+   {tok['pieces']} pieces, character coverage 1.0, trained with one thread and no input sampling (the same
+   file from run to run) on every sentence, question and answer, and on the text of the stage-2 and stage-3
+   prompts made from them: each sentence as ASR and TTS (`speechgpt_fairseq/data/templates/asr.txt`,
+   `tts.txt`, in turn), each pair in the four chain-of-modality formats. The prompts are split at the tokens
+   the vocabulary adds (units, `<sosp>`, `<eosp>`, `[Human]`, `[SpeechGPT]`, `<eoh>`, `<eos>`), which the text
+   encoder never hands to sentencepiece, so the markup it does see is learnt as it is met: `: `,
+   ` This is input: `, `<eoa>`, `; [ta] `, `; [ua] `, ` Answer in text.`, ` Answer in speech.`.
+   Tokens per word: sentences {tok['sentences']:.2f}, questions and answers {tok['qa']:.2f}, the instruction
+   templates {tok['templates']:.2f} (e.g. "{example}" -> {' '.join(f'`{p}`' for p in pieces)}).
 
 Tools: {versions}.
 
@@ -267,6 +575,15 @@ Tools: {versions}.
 - `test.txt`: {counts['test']} prompts for generation, SpeechGPT unit strings without the closing
   `<eosp>`: `<sosp>` followed by the first {PROMPT_FRACTION:.0%} of a held-out utterance's units
   ({stats['prompt_units']:.1f} units on average), e.g. `<sosp><12><7><31>`.
+- `qa_train.jsonl`, `qa_valid.jsonl`, `qa_test.jsonl`: {qa_counts['train']}, {qa_counts['valid']} and {qa_counts['test']} lines
+  `{{"text_i": QUESTION, "text_r": ANSWER, "units_i": [...], "units_r": [...]}}`, the spoken question and answer
+  as lists of unit ids in [0, {args.num_units}), repeats merged: the manifest of `speechgpt build-com`, e.g.
+
+      speechgpt build-com --manifest examples/stage1/corpus/qa_train.jsonl --num-units {args.num_units} --out com_train.jsonl
+
+- `tokenizer.model`: the sentencepiece model; as `--vocab examples/stage1/corpus/tokenizer.model --num-units
+  {args.num_units}` it gives a vocabulary of {tok['pieces']} + {args.num_units} units + 6 SpeechGPT tokens =
+  {tok['pieces'] + args.num_units + 6} tokens.
 
 {kmeans_file}
 MFCC units carry speaker and channel as much as phonetic content: this corpus exercises the pipeline;

@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from speechgpt_fairseq.cli import builders, checkpoints, instructions, units
+from speechgpt_fairseq.cli import builders, checkpoints, instructions, text_to_unit, units
 
 VERBS = {
     "build-com": builders.BuildCoM,
@@ -16,6 +16,8 @@ VERBS = {
     "prepare-units": units.PrepareUnits,
     "prepare-sft": instructions.PrepareSFT,
     "score": instructions.Score,
+    "t2u-export": text_to_unit.T2UExport,
+    "t2u-import": text_to_unit.T2UImport,
 }
 
 

@@ -7,7 +7,7 @@ from speechgpt_fairseq.cli.main import VERBS, build_parser
 
 def test_verbs():
     assert sorted(VERBS) == ["build-com", "build-cross-modal", "convert-hf", "export-hf", "import-peft",
-                             "prepare-sft", "prepare-units", "score"]
+                             "prepare-sft", "prepare-units", "score", "t2u-export", "t2u-import"]
 
 
 def test_registered_fairseq_names():
@@ -34,6 +34,9 @@ def test_registered_fairseq_names():
     ("prepare-units", {"--out", "--vocab", "--num-units", "--open", "--no-progress"}),
     ("prepare-sft", {"--out", "--vocab", "--num-units", "--skip-bad", "--no-progress"}),
     ("score", {"--out", "--keep-case", "--keep-punct"}),
+    ("t2u-export", {"--text", "--units", "--out", "--dedup", "--no-dedup", "--keep-case", "--num-units", "--skip-bad",
+                    "--no-progress"}),
+    ("t2u-import", {"--out", "--format", "--source", "--dedup"}),
 ])
 def test_verb_options(verb, options):
     sub = build_parser()._subparsers._group_actions[0].choices[verb]

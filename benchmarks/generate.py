@@ -1,0 +1,143 @@
+"""Generation throughput: our incremental decoding against Hugging Face's `LlamaForCausalLM.generate`, same weights.
+
+Ours is the path fairseq-generate takes with our tasks: `PromptPrefillGenerator` (fairseq's SequenceGenerator, the
+prompt run in one forward pass, our key/value cache), greedy (beam 1). HF's is `generate` with greedy search,
+`use_cache=True` and sdpa attention. Both continue the same random prompts (`<s>` + --prompt-len tokens) by
+exactly --new-tokens tokens: HF with min_new_tokens = max_new_tokens, ours with fairseq's min_len and length limit
+both at the prompt length + --new-tokens (fairseq then ends each hypothesis with `</s>`, one step more than HF),
+and the script prints the count each side produced. Greedy on the same weights should give the same tokens; HF
+is told never to pick pad, as fairseq's generator never does. The script prints whether they match, and where a
+row first diverges (a near-tie in the logits can flip under different but equally correct arithmetic).
+
+Runs are timed alternately (ours, HF, HF, ours, ...), as in train_step.py, and the median is reported as new
+tokens per second over the whole call (prompt included). Read `ratio ours/HF: Z` as our tokens/s over HF's:
+above 1 ours is faster. On a CPU the CPU seconds per call are the steadier guide on a busy machine.
+
+    python benchmarks/generate.py [--new-tokens 512] [--prompt-len 32] [--batches 1,8] [--repeats 3] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import transformers
+from speechgpt_fairseq.data.prompts import EOA
+from speechgpt_fairseq.data.vocabulary import Vocabulary
+from speechgpt_fairseq.models.generation import PromptPrefillGenerator
+# the same model shape, builders and machine line as the training-step benchmark (this script's directory is on
+# sys.path when it runs, from any working directory)
+from train_step import DIM, FFN, HEADS, KV_HEADS, LAYERS, VOCAB, build_hf, build_ours, machine
+
+
+def ours_runner(model, vocab, prompts: torch.Tensor, new_tokens: int, stop_text: str | None):
+    """One greedy generation as fairseq-generate runs it -> the new tokens (B, <= new_tokens)."""
+    d = model.decoder.dictionary
+    P = prompts.size(1)
+    # steps 0..P-1 force the prompt; </s> is barred before step P + new_tokens and the only choice at it
+    gen = PromptPrefillGenerator([model], d, stop_text=stop_text, beam_size=1, max_len_a=0,
+                                 max_len_b=P + new_tokens, min_len=P + new_tokens)
+    src = torch.cat([prompts.new_full((prompts.size(0), 1), d.bos()), prompts], 1)
+    sample = {"id": torch.arange(prompts.size(0)),
+              "net_input": {"src_tokens": src, "src_lengths": torch.full((prompts.size(0),), src.size(1))}}
+
+    def run() -> list[torch.Tensor]:
+        hypos = gen.generate([model], sample, prefix_tokens=prompts, bos_token=d.bos())
+        out = []
+        for beams in hypos:
+            t = beams[0]["tokens"][P:]
+            out.append(t[:-1] if len(t) and t[-1] == d.eos() else t)
+        return out
+    return run
+
+
+def hf_runner(hf, vocab, prompts: torch.Tensor, new_tokens: int):
+    d_bos, d_pad, d_eos = vocab.bos(), vocab.pad(), vocab.eos()
+    ids = torch.cat([prompts.new_full((prompts.size(0), 1), d_bos), prompts], 1)
+    mask = torch.ones_like(ids)
+
+    def run() -> list[torch.Tensor]:
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, use_cache=True,
+                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=d_eos,
+                          pad_token_id=d_pad, bos_token_id=d_bos, suppress_tokens=[d_pad])
+        return list(out[:, ids.size(1):])
+    return run
+
+
+def timed(run, sync):
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = run()
+    sync()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def compare(ours: list[torch.Tensor], hf: list[torch.Tensor]) -> str:
+    firsts = []
+    for a, b in zip(ours, hf):
+        n = min(len(a), len(b))
+        diff = (a[:n].cpu() != b[:n].cpu()).nonzero()
+        firsts.append(int(diff[0]) if len(diff) else (None if len(a) == len(b) else n))
+    if all(f is None for f in firsts):
+        return "yes, all rows"
+    return (f"no: {sum(f is not None for f in firsts)} of {len(firsts)} rows differ, first difference at new "
+            f"token {', '.join('-' if f is None else str(f) for f in firsts)}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--new-tokens", type=int, default=512, help="tokens each row generates (forced on both sides)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens after <s>")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per side and batch size")
+    p.add_argument("--warmup", type=int, default=1, help="untimed generations per side and batch size")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--stop-text", default=EOA, help="our generator's stop text, as the instruction tasks set it "
+                                                    "(never met here); empty: none")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompts")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    print(f"machine: {machine(device)} ({args.device}), torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+    vocab = Vocabulary.units_only(num_units=VOCAB - 3 - 6).to_dictionary()
+    assert len(vocab) == VOCAB, len(vocab)
+    seq = args.prompt_len + args.new_tokens + 2
+    torch.manual_seed(args.seed)
+    ours = build_ours(vocab, seq).to(device).eval()
+    hf = build_hf(ours, seq).to(device).eval()
+    print(f"shape: {LAYERS} layers, width {DIM}, ffn {FFN}, {HEADS} heads, {KV_HEADS} kv heads, vocab {VOCAB}, fp32; "
+          f"prompt <s> + {args.prompt_len}, {args.new_tokens} new tokens, greedy; warmup {args.warmup}, "
+          f"repeats {args.repeats}; ours stop text {args.stop_text!r}")
+
+    for B in batches:
+        prompts = torch.randint(vocab.nspecial, VOCAB, (B, args.prompt_len), device=device)
+        runs = {"ours": ours_runner(ours, vocab, prompts, args.new_tokens, args.stop_text or None),
+                "HF": hf_runner(hf, vocab, prompts, args.new_tokens)}
+        times, cpu, outs = {n: [] for n in runs}, {n: [] for n in runs}, {}
+        for i in range(args.warmup + args.repeats):
+            # interleaved, the order flipped every repetition (ours, HF, HF, ours, ...)
+            for name, run in (list(runs.items()) if (i - args.warmup) % 2 == 0 else reversed(runs.items())):
+                dt, dc, out = timed(run, sync)
+                outs.setdefault(name, out)
+                if i >= args.warmup:
+                    times[name].append(dt)
+                    cpu[name].append(dc)
+        counts = {n: sorted({len(t) for t in o}) for n, o in outs.items()}
+        print(f"batch {B}  new tokens per row  ours: {counts['ours']}  HF: {counts['HF']}; "
+              f"same tokens: {compare(outs['ours'], outs['HF'])}")
+        rate = {n: B * args.new_tokens / statistics.median(t) for n, t in times.items()}
+        print(f"batch {B}  " + "  ".join(f"{n}: {rate[n]:,.1f} tok/s (median {statistics.median(t):.2f} s, "
+                                         f"range {min(t):.2f}-{max(t):.2f})" for n, t in times.items()))
+        print(f"batch {B}  ratio ours/HF: {rate['ours'] / rate['HF']:.3f}")
+        if device.type == "cpu":
+            c = {n: statistics.median(t) for n, t in cpu.items()}
+            print(f"batch {B}  CPU s/call  ours: {c['ours']:.2f}  HF: {c['HF']:.2f}  "
+                  f"CPU-time ratio HF/ours: {c['HF'] / c['ours']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
