@@ -224,7 +224,8 @@ def _comparison_qa(world: World) -> list[tuple[str, str]]:
         if a != b:
             x, y, truth = number_words(a), number_words(b), "more" if a > b else "less"
             for asked in ("more", "less"):
-                out.append((f"is {x} {asked} than {y}", f"{'yes' if asked == truth else 'no'}, {x} is {truth} than {y}"))
+                reply = "yes" if asked == truth else "no"
+                out.append((f"is {x} {asked} than {y}", f"{reply}, {x} is {truth} than {y}"))
     return out
 
 
@@ -299,6 +300,11 @@ def qa_grammar(world: World) -> dict[str, list[tuple[str, str]]]:
     return families
 
 
+def qa_stream(seed: int) -> random.Random:
+    """The random stream of the question/answer world, pairs and voices: apart from the sentences' stream."""
+    return random.Random(f"qa-{seed}")
+
+
 def sample_qa(n: int, world: World, rng: random.Random) -> list[tuple[str, str]]:
     """`n` distinct pairs, drawn as the sentences are, then shuffled: the small families run out first, and
     the shuffle gives every split its share of them."""
@@ -360,8 +366,11 @@ def train_tokenizer(lines: list[str], vocab_size: int, seed: int) -> bytes:
     """A LLaMA-style sentencepiece model (BPE, byte fallback, unk=0 bos=1 eos=2, no pad) of `lines`."""
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-                                   **TOKENIZER_OPTIONS)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                                       **TOKENIZER_OPTIONS)
+    except RuntimeError as e:  # e.g. a vocabulary larger than a small corpus allows
+        raise SystemExit(f"training the tokenizer failed (see --vocab-size): {e}") from None
     return model.getvalue()
 
 
@@ -399,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Question/answer pairs draw from their own stream, so the sentences, their voices and the k-means fit do
     # not depend on them.
-    qa_rng = random.Random(f"qa-{args.seed}")
+    qa_rng = qa_stream(args.seed)
     qa_counts = dict(zip(["train", "valid", "test"], args.qa))
     world = make_world(qa_rng)
     pairs = sample_qa(sum(qa_counts.values()), world, qa_rng)
@@ -465,7 +474,7 @@ def qa_stats(world: World, pairs: list[tuple[str, str]], splits: dict[str, range
             row = table[family[pairs[k]]]
             row[split] += 1
             row["stated"] += split != "train" and _statement(pairs[k][1]) in known
-    return {"families": table,
+    return {"families": table, "places": _place_qa(world)[:3],  # where / yes / no about the first object
             "question_units": np.mean([len(units[2 * k]) for k in range(len(pairs))]),
             "answer_units": np.mean([len(units[2 * k + 1]) for k in range(len(pairs))])}
 
@@ -501,11 +510,12 @@ def readme(args: argparse.Namespace, argv: list[str] | None, counts: dict[str, i
                    if args.save_kmeans else
                    "The k-means model is not shipped: rerun the command with `--save-kmeans` to get `kmeans.bin`.")
     example, pieces = tok["example"]
+    where, _, no = qa["places"]
     return f"""# Stage-1 unit corpus (synthetic speech, MFCC k-means units), spoken questions and answers, a tokenizer
 
 A small, real corpus of discrete speech units for the tiny pipeline: unit sequences for stage 1
 (`unit_lm`), (speech, transcript) pairs for stage 2, spoken question/answer pairs for stage 3
-(chain-of-modality), and a small LLaMA-style text tokenizer. Made on CPU in about two minutes (two cores)
+(chain-of-modality), and a small LLaMA-style text tokenizer. Made on CPU in two to three minutes (two cores)
 by `scripts/make_stage1_corpus.py`, from the repository root:
 
     {command}
@@ -539,16 +549,17 @@ by `scripts/make_stage1_corpus.py`, from the repository root:
    seed (where each coloured object is, how many of each are in each container, when the train leaves each
    day). Yes/no questions are answered "yes, STATEMENT" or "no, STATEMENT"; a "no" question asks about a
    decoy drawn with the world. Examples: "what is seven plus two" -> "seven plus two is nine",
-   "can snakes walk" -> "no, snakes cannot walk", "where is the red cup" -> "the red cup is in front of the
-   table". Pairs are drawn as the sentences are, then shuffled (small families run out first) and split
-   into {qa_counts['train']} train, {qa_counts['valid']} valid and {qa_counts['test']} test pairs: no question is in two splits.
+   "can snakes walk" -> "no, snakes cannot walk", "{where[0]}" -> "{where[1]}",
+   "{no[0]}" -> "{no[1]}".
+   Pairs are drawn as the sentences are, then shuffled (small families run out first) and split into
+   {qa_counts['train']} train, {qa_counts['valid']} valid and {qa_counts['test']} test pairs: no question is in two splits.
 
    | family | grammar | train | valid | test | held out, statement in a train answer |
    |---|---|---|---|---|---|
 {qa_table}
 
-   {stated} of the {held_out} held-out answers state what some train answer states (e.g. "is the red cup under
-   the bed" in train, "where is the red cup" held out); for the hidden world that is the only way to know.
+   {stated} of the {held_out} held-out answers state what some train answer states (as "{no[0]}" tells
+   where the {where[0].removeprefix("where is the ")} is); for the hidden world that is the only way to know it.
    Question and answer are each spoken as in step 2 (voice and rate drawn per utterance from the QA stream)
    and labelled with the k-means model of step 4, which never saw them; repeats merged. Average units:
    question {qa['question_units']:.1f}, answer {qa['answer_units']:.1f}.
@@ -559,8 +570,8 @@ by `scripts/make_stage1_corpus.py`, from the repository root:
    prompts made from them: each sentence as ASR and TTS (`speechgpt_fairseq/data/templates/asr.txt`,
    `tts.txt`, in turn), each pair in the four chain-of-modality formats. The prompts are split at the tokens
    the vocabulary adds (units, `<sosp>`, `<eosp>`, `[Human]`, `[SpeechGPT]`, `<eoh>`, `<eos>`), which the text
-   encoder never hands to sentencepiece, so the markup it does see is learnt as it is met: `: `,
-   ` This is input: `, `<eoa>`, `; [ta] `, `; [ua] `, ` Answer in text.`, ` Answer in speech.`.
+   encoder never hands to sentencepiece, so the tokenizer is trained on the rest of the markup as the encoder
+   meets it: `: `, ` This is input: `, `<eoa>`, `; [ta] `, `; [ua] `, ` Answer in text.`, ` Answer in speech.`.
    Tokens per word: sentences {tok['sentences']:.2f}, questions and answers {tok['qa']:.2f}, the instruction
    templates {tok['templates']:.2f} (e.g. "{example}" -> {' '.join(f'`{p}`' for p in pieces)}).
 

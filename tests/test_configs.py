@@ -66,7 +66,7 @@ def test_presets_have_the_parameter_count_of_hf_llama(preset):
 
 
 @pytest.mark.parametrize("stage,config", [("stage1", "tiny"), ("stage1", "llama_7b"), ("stage1", "llama_13b"),
-                                          ("stage2", "tiny")])
+                                          ("stage2", "tiny"), ("stage2", "llama_7b"), ("stage3", "llama_7b")])
 def test_every_field_is_overridable(cli, stage, config):
     """Hydra overrides only keys the config has (our dataclasses register after composition), so the shipped
     configs list every field of their task, model and criterion."""
@@ -77,8 +77,10 @@ def test_every_field_is_overridable(cli, stage, config):
     from fairseq.models import MODEL_DATACLASS_REGISTRY
     from fairseq.tasks import TASK_DATACLASS_REGISTRY
 
+    required = {"llama_7b": ["model.lora_base=/b", "optimization.max_update=1", "lr_scheduler.warmup_updates=1"],
+                "llama_13b": []}.get(config, []) if stage != "stage1" else ["lr_scheduler.total_num_update=1"]
     out = cli("fairseq-hydra-train", "--config-dir", REPO / "examples" / stage, "--config-name", config,
-              "--cfg", "job", "task.data=/d", "lr_scheduler.total_num_update=1", cwd=REPO.parent).stdout
+              "--cfg", "job", "task.data=/d", *required, cwd=REPO.parent).stdout
     cfg = yaml.safe_load(out)
     for section, registry in (("task", TASK_DATACLASS_REGISTRY), ("model", MODEL_DATACLASS_REGISTRY),
                               ("criterion", CRITERION_DATACLASS_REGISTRY)):

@@ -34,7 +34,8 @@ _SPLIT_NAME = re.compile(r"\w[\w.-]*")
 
 
 class TextToUnitError(BuildError):
-    """Input that cannot be exported or imported; names the file and line."""
+    """Input that cannot be exported or imported; names the file and line. A BuildError, as the errors of the
+    readers shared with the builders are."""
 
 
 @dataclass(frozen=True)

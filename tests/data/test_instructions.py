@@ -72,3 +72,21 @@ def test_bad_lines_name_file_and_line_or_are_counted(vocab, tmp_path, bad, messa
     assert not out.exists() or [p.name for p in out.iterdir()] == []
     (stats,) = prepare_instructions({"train": tmp_path / "a.jsonl"}, out, vocab, skip_bad=True, show_progress=False)
     assert stats.records == 2 and stats.skipped == {reason: 1}
+
+
+def test_speechinstruct_records_load_as_they_are(vocab, tmp_path):
+    """SpeechInstruct keeps a system text in `prefix` and the exchange in `plain_text`; the `prefix` loss policy
+    then trains on the exchange only, as SpeechGPT's released code does."""
+    from speechgpt_fairseq.data.instruction_dataset import InstructionDataset
+
+    system = "You are an assistant that listens and speaks.\n- Answer briefly.\n"
+    exchange = "[Human]: Read this out loud. This is input: the red cup<eoh> [SpeechGPT]: <sosp><4><9><9><eosp><eoa>"
+    (tmp_path / "si.jsonl").write_text(line(system, exchange) * 3)
+    prepare_instructions({"train": tmp_path / "si.jsonl"}, tmp_path / "out", vocab, show_progress=False)
+    tokens = MMapIndexedDataset(str(tmp_path / "out" / "train"))
+    segs = MMapIndexedDataset(str(tmp_path / "out" / "train.seg"))
+    ds = InstructionDataset(tokens, segs, "prefix", bos=vocab.bos, pad=vocab.pad)
+    target = ds[0]["target"].tolist()
+    n_system = len(vocab.encode(system))
+    assert set(target[:n_system]) == {vocab.pad}  # no loss on the system text
+    assert vocab.decode(t for t in target[n_system:] if t != vocab.pad) == exchange and target[-1] == vocab.eos
