@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # force: importing fairseq has already configured the root logger (at DEBUG)
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
     try:
         VERBS[args.verb].run(args)
     except (ValueError, FileNotFoundError) as e:

@@ -34,7 +34,7 @@ class IndexedDatasetWriter:
 
     def __init__(self, prefix: str | os.PathLike, vocab_size: int):
         self.prefix = str(prefix)
-        self.dtype = np.dtype(best_fitting_int_dtype(vocab_size))
+        self.dtype = np.dtype(np.uint8 if vocab_size <= 256 else best_fitting_int_dtype(vocab_size))
         self._bin = open(self.prefix + ".bin", "wb")
         self._sizes = tempfile.TemporaryFile(dir=os.path.dirname(self.prefix) or ".")
         self._pending: list[np.ndarray] = []

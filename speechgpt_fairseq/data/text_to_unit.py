@@ -169,14 +169,14 @@ def read_hypotheses(path: str | os.PathLike, expected: int | None = None) -> lis
     count = max(hypotheses) + 1 if expected is None else expected
     missing = [i for i in range(count) if i not in hypotheses]
     if missing:
-        raise TextToUnitError(f"{path}: no hypothesis for sample {missing[0]} (source line {missing[0] + 1})"
-                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                              + f"; expected samples 0..{count - 1}: was every input decoded (an input longer than "
-                                "the model's --max-source-positions is dropped by --skip-invalid-size-inputs-valid-test)?")
-    extra = max(hypotheses) - (count - 1)
-    if extra > 0:
-        raise TextToUnitError(f"{path}: hypotheses for {extra} samples beyond the {count} source lines (sample "
-                              f"{max(hypotheses)}): is this the output for that source?")
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise TextToUnitError(f"{path}: no hypothesis for sample {missing[0]} (source line {missing[0] + 1}){more}; "
+                              f"expected samples 0..{count - 1}: was every input decoded? (fairseq-generate drops "
+                              f"inputs longer than the model's positions with --skip-invalid-size-inputs-valid-test)")
+    extra = sorted(i for i in hypotheses if i >= count)
+    if extra:
+        raise TextToUnitError(f"{path}: hypotheses for {len(extra)} samples beyond the {count} source lines (sample "
+                              f"{extra[0]}): is this the output for that source?")
     return [hypotheses[i] for i in range(count)]
 
 

@@ -104,17 +104,3 @@ def test_writer_matches_fairseq_builder(tmp_path):
     b.finalize(str(tmp_path / "theirs.idx"))
     for ext in ("bin", "idx"):
         assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"theirs.{ext}").read_bytes()
-
-
-def test_shipped_stage1_data_is_what_prepare_units_makes(cli, tmp_path):
-    """examples/stage1/data-bin is generated from examples/stage1/corpus; it must never go stale."""
-    from pathlib import Path
-
-    stage1 = Path(__file__).resolve().parents[2] / "examples" / "stage1"
-    corpus = stage1 / "corpus"
-    cli("speechgpt", "prepare-units", f"train={corpus / 'train.km'}", f"valid={corpus / 'valid.km'}",
-        f"test={corpus / 'test.txt'}", "--num-units", "100", "--out", tmp_path, "--no-progress")
-    shipped = sorted(p.name for p in (stage1 / "data-bin").iterdir())
-    assert shipped == sorted(p.name for p in tmp_path.iterdir())
-    for name in shipped:
-        assert (stage1 / "data-bin" / name).read_bytes() == (tmp_path / name).read_bytes(), name

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from speechgpt_fairseq.cli.main import main
+from speechgpt_fairseq.cli.text_to_unit import next_commands
 from speechgpt_fairseq.data.builders import BuildError
 from speechgpt_fairseq.data.text_to_unit import (Split, TextToUnitError, characters, export_splits, read_hypotheses,
                                                  write_units)
@@ -130,6 +131,25 @@ def test_bad_splits_are_refused(tmp_path, capsys, monkeypatch, args, message):
     assert status == 1 and message in err
 
 
+def test_a_split_with_nothing_to_write_is_an_error(tmp_path):
+    speak = write(tmp_path / "speak.txt", ["", "a|b"])
+    with pytest.raises(BuildError, match=r"speak.txt: no texts to write for split 'speak' \(2 lines read; "
+                                         r"empty text: 1, bad text: 1\)"):
+        export_splits([Split("speak", speak)], tmp_path / "out", skip_bad=True, show_progress=False)
+
+
+def test_commands_for_a_held_out_test_set_without_valid(tmp_path):
+    commands = [shlex.join(c) for c in next_commands(tmp_path, [Split("train", Path("t"), Path("u")),
+                                                                Split("test", Path("t2"), Path("u2"))])]
+    assert "--validpref" not in commands[0] and commands[1].endswith("--disable-validation")
+    assert f"--srcdict {tmp_path}/bin/dict.txt.txt --tgtdict {tmp_path}/bin/dict.unit.txt --testpref" in commands[2]
+    assert f"--gen-subset test --path {tmp_path}/checkpoints/checkpoint_last.pt" in commands[3]
+    assert [c.split()[0] for c in commands] == ["fairseq-preprocess", "fairseq-train", "fairseq-preprocess",
+                                                "fairseq-generate", "speechgpt"]
+    texts_named_train = next_commands(tmp_path, [Split("train", Path("t"))])  # decoded, not trained on
+    assert [c[0] for c in texts_named_train] == ["fairseq-preprocess", "cp", "fairseq-generate", "speechgpt"]
+
+
 def test_an_input_is_never_overwritten(tmp_path):
     text = write(tmp_path / "test.txt", ["prompts of another tool"])
     with pytest.raises(TextToUnitError, match="would overwrite its own input"):
@@ -165,7 +185,8 @@ def test_hypotheses_in_input_order(tmp_path):
 @pytest.mark.parametrize("lines,expected,message", [
     (["H-0\t-1\t1", "H-2\t-1\t2"], None, "no hypothesis for sample 1 (source line 2); expected samples 0..2"),
     (["H-0\t-1\t1"], 3, "no hypothesis for sample 1 (source line 2) and 1 more; expected samples 0..2"),
-    (["H-0\t-1\t1", "H-1\t-1\t2"], 1, "hypotheses for 1 samples beyond the 1 source lines (sample 1)"),
+    (["H-5\t-1\t1", "H-0\t-1\t1", "H-1\t-1\t2", "H-2\t-1\t3"], 2,
+     "hypotheses for 2 samples beyond the 2 source lines (sample 2)"),
     (["S-0\tx", "H-0\t-1\t1 <unk> 2"], None, "generate-test.txt:2: sample 0: '<unk>' is not a unit id"),
     (["H-x\t-1\t1"], None, "generate-test.txt:1: expected 'H-<sample id><TAB><score><TAB><units>'"),
     (["S-0\tx"], None, "generate-test.txt: no H- lines (expected the output of fairseq-generate)"),

@@ -1,42 +1,20 @@
 """Stages 2/3 with fairseq's tools: training with per-modality metrics, mixing, packing, and evaluation with
 fairseq-generate + speechgpt score."""
 import json
-import random
 import re
 from pathlib import Path
 
 import pytest
 
-from speechgpt_fairseq.data.prompts import Example, cross_modal
-from speechgpt_fairseq.speech.units import format_unit_string
 
 REPO = Path(__file__).resolve().parents[2]
-CORPUS = REPO / "examples" / "stage1" / "corpus"
 QUICK = ["common.log_interval=1", "common.seed=3", "dataset.max_tokens=2048"]
 
 
-def pairs_to_jsonl(split: str, out: Path, n: int) -> Path:
-    units = (CORPUS / f"{split}.km").read_text().splitlines()[:n]
-    words = (CORPUS / f"{split}.wrd").read_text().splitlines()[:n]
-    rng = random.Random(0)
-    with open(out, "w") as f:
-        for u, w in zip(units, words):
-            speech = format_unit_string([int(x) for x in u.split()])
-            pt = cross_modal("Write down what is said.", speech, w) if rng.random() < 0.5 else \
-                cross_modal("Read this aloud.", w, speech)
-            f.write(json.dumps(Example("", pt).to_json()) + "\n")
-    return out
-
-
 @pytest.fixture(scope="module")
-def sft_data(cli, sentencepiece_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft")
-    files = {name: pairs_to_jsonl(split, root / f"{name}.jsonl", n)
-             for name, split, n in (("train", "train", 300), ("valid", "valid", 40), ("test", "test", 12),
-                                    ("extra", "valid", 60))}
-    cli("speechgpt", "prepare-sft", *[f"{k}={v}" for k, v in files.items()], "--vocab", sentencepiece_model,
-        "--num-units", "100", "--out", root / "data", "--no-progress")
-    return root / "data"
+def sft_data():
+    """The shipped stage-2 data: ASR/TTS instructions built from the bundled corpus."""
+    return REPO / "examples" / "stage2" / "data-bin"
 
 
 def train(cli, cwd, data, *overrides, check=True):
@@ -73,10 +51,10 @@ def test_loss_policy_sets_what_is_counted(cli, sft_data, tmp_path):
 
 
 def test_mix_and_pack_train(cli, sft_data, tmp_path):
-    run = train(cli, tmp_path, sft_data, "task.mix='train:1.0,extra:2.0'", "task.pack=true",
+    run = train(cli, tmp_path, sft_data, "task.mix='train:1.0,valid:2.0'", "task.pack=true",
                 "optimization.max_update=3", "dataset.validate_interval_updates=3", "checkpoint.no_save=true")
     log = run.stdout + run.stderr
-    assert "mix: extra x2.0 -> 120 examples per epoch" in log and "train: " in log
+    assert "mix: valid x2.0 -> 400 examples per epoch" in log and "train: " in log
     assert valid_line(log)
 
 
@@ -95,13 +73,13 @@ def test_generate_batched_equals_one_by_one_and_scores(cli, sft_data, trained, t
         return sorted((line.split("\t")[0], line.split("\t")[-1]) for line in out.splitlines()
                       if line.startswith(("H-", "T-", "S-")))
 
-    assert hyps(batched) == hyps(single) and len([h for h, _ in hyps(batched) if h.startswith("H-")]) == 12
+    assert hyps(batched) == hyps(single) and len([h for h, _ in hyps(batched) if h.startswith("H-")]) == 50
     prompts = [line.split("\t")[1] for line in batched.splitlines() if line.startswith("S-")]
     assert all(p.endswith("[SpeechGPT]:") for p in prompts)  # the prompt, cut at the assistant turn
     (tmp_path / "gen.txt").write_text(batched)
     summary = json.loads(cli("speechgpt", "score", tmp_path / "gen.txt", "--out", tmp_path / "parsed.jsonl").stdout)
-    assert summary["examples"] == 12
-    assert summary["text_wer"]["n"] + summary["units_uer"]["n"] == 12
+    assert summary["examples"] == 50
+    assert summary["text_wer"]["n"] + summary["units_uer"]["n"] == 50
     rows = [json.loads(line) for line in (tmp_path / "parsed.jsonl").read_text().splitlines()]
     assert all(("text_wer" in r) != ("units_uer" in r) for r in rows)
 
@@ -124,3 +102,22 @@ def test_python_api_generates_what_fairseq_generate_does(cli, sft_data, trained,
     b = model.generate([prompts[ids[0]]], max_new_tokens=20, sampling=SPEECHGPT_SAMPLING, seed=5)
     assert a == b
     assert split_turn(prompts[ids[0]] + response)[0] == prompts[ids[0]]
+
+
+def test_stage3_lora_on_the_stage2_checkpoint(cli, trained, tmp_path):
+    """The tiny pipeline as the READMEs run it: stage 3 LoRA adapters on the stage-2 checkpoint of the same
+    directory; adapter-only checkpoints; export-hf merges them into a model transformers loads."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    ckpt, _ = trained
+    cwd = ckpt.parents[2]
+    run = cli("fairseq-hydra-train", "--config-dir", REPO / "examples" / "stage3", "--config-name", "tiny_lora",
+              *QUICK, "optimization.max_update=3", "dataset.validate_interval_updates=3", cwd=cwd)
+    assert "text_acc" in valid_line(run.stdout + run.stderr)
+    adapters = cwd / "checkpoints" / "stage3-tiny-lora" / "checkpoint_last.pt"
+    state = torch.load(adapters, weights_only=True)["model"]
+    assert state and all("lora_" in k or k.endswith("vocab_digest") for k in state)
+    cli("speechgpt", "export-hf", adapters, tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.vocab_size == 1106
