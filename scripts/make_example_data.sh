@@ -5,7 +5,7 @@
 #   bash scripts/make_example_data.sh [OUT_ROOT]
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-CORPUS=$REPO/examples/stage1/corpus
+CORPUS=$REPO/examples/corpus
 OUT_ROOT=${1:-$REPO/examples}
 VOCAB=(--vocab "$CORPUS/tokenizer.model" --num-units 100)
 WORK=$(mktemp -d)

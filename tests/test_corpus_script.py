@@ -1,4 +1,4 @@
-"""scripts/make_stage1_corpus.py and the corpus it ships in examples/stage1/corpus/."""
+"""scripts/make_corpus.py and the corpus it ships in examples/corpus/."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "examples" / "stage1" / "corpus"
+CORPUS = REPO / "examples" / "corpus"
 SPLITS = ("train", "valid", "test")
 SEED = 1  # the seed the shipped corpus was made with (its README gives the command)
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("make_stage1_corpus", REPO / "scripts" / "make_stage1_corpus.py")
+    spec = importlib.util.spec_from_file_location("make_corpus", REPO / "scripts" / "make_corpus.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)

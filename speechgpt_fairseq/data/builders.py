@@ -39,7 +39,7 @@ class BuildError(ValueError):
     """Input that cannot be turned into instruction data; names the file and line."""
 
 
-class _Bad(Exception):
+class BadRecord(Exception):
     """A bad record: `reason` is what the summary counts it under, the message what the error says."""
 
     def __init__(self, where: str, reason: str, message: str):
@@ -59,7 +59,7 @@ class BuildStats:
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
-    def reject(self, bad: _Bad) -> None:
+    def reject(self, bad: BadRecord) -> None:
         """Raise a BuildError naming where the bad record is, or with `skip_bad` count it under its reason."""
         if not self.skip_bad:
             raise BuildError(f"{bad.where}: {bad}") from None
@@ -117,10 +117,10 @@ def read_aligned(units_path: str | os.PathLike, text_path: str | os.PathLike, st
             stats.read += 1
             if not units or not text:
                 ended, other = (units_path, text_path) if not units else (text_path, units_path)
-                stats.reject(_Bad(f"{other}:{lineno}", "unpaired line", f"{ended} ends at line {lineno - 1}: the "
+                stats.reject(BadRecord(f"{other}:{lineno}", "unpaired line", f"{ended} ends at line {lineno - 1}: the "
                                   f"units and text files must have one line per utterance, in the same order"))
             elif not units.strip():
-                stats.reject(_Bad(f"{units_path}:{lineno}", "empty units", f"empty line, but {text_path}:{lineno} "
+                stats.reject(BadRecord(f"{units_path}:{lineno}", "empty units", f"empty line, but {text_path}:{lineno} "
                                   f"has a transcript (the files must be line-aligned)"))
             else:
                 yield {"units": (f"{units_path}:{lineno}", units), "text": (f"{text_path}:{lineno}", text)}
@@ -148,7 +148,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...], optional: tup
             where = f"{path}:{lineno}"
             try:
                 obj = _json_object(line, where, required)
-            except _Bad as bad:
+            except BadRecord as bad:
                 stats.reject(bad)
                 continue
             yield {k: (f"{where}: field {k!r}", obj[k]) for k in required + optional if obj.get(k) is not None}
@@ -158,12 +158,12 @@ def _json_object(line: str, where: str, required: tuple[str, ...]) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise _Bad(where, "malformed JSON", f"not valid JSON ({e})") from None
+        raise BadRecord(where, "malformed JSON", f"not valid JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise _Bad(where, "malformed JSON", f"expected a JSON object, found {type(obj).__name__}")
+        raise BadRecord(where, "malformed JSON", f"expected a JSON object, found {type(obj).__name__}")
     missing = [k for k in required if obj.get(k) is None]
     if missing:
-        raise _Bad(where, "missing field", f"no field {missing[0]!r} (expected {', '.join(required)}, not null)")
+        raise BadRecord(where, "missing field", f"no field {missing[0]!r} (expected {', '.join(required)}, not null)")
     return obj
 
 
@@ -187,7 +187,7 @@ def read_tsv(path: str | os.PathLike, required: tuple[str, ...], stats: BuildSta
                 continue
             stats.read += 1
             if len(cells) != len(header):
-                stats.reject(_Bad(f"{path}:{lineno}", "wrong number of columns",
+                stats.reject(BadRecord(f"{path}:{lineno}", "wrong number of columns",
                                   f"{len(cells)} columns, the header has {len(header)}"))
                 continue
             yield {k: (f"{path}:{lineno}: column {k!r}", cells[i]) for k, i in columns.items()}
@@ -216,9 +216,9 @@ class UnitParser:
             units = self._parse(value)
         except UnitFormatError as e:
             reason = "unit out of range" if "out of range" in str(e) else "bad units"
-            raise _Bad(where, reason, str(e)) from None
+            raise BadRecord(where, reason, str(e)) from None
         if not units:
-            raise _Bad(where, "empty units", "no units (expected at least one)")
+            raise BadRecord(where, "empty units", "no units (expected at least one)")
         return dedup_units(units) if self.dedup else units
 
     def _parse(self, value: Any) -> list[int]:
@@ -239,9 +239,9 @@ class UnitParser:
 
 def _text(where: str, value: Any, empty_reason: str) -> str:
     if not isinstance(value, str):
-        raise _Bad(where, "bad text", f"expected a string, found {type(value).__name__}")
+        raise BadRecord(where, "bad text", f"expected a string, found {type(value).__name__}")
     if not value.strip():
-        raise _Bad(where, empty_reason, f"{empty_reason} (expected some text)")
+        raise BadRecord(where, empty_reason, f"{empty_reason} (expected some text)")
     return value.strip()
 
 
@@ -259,7 +259,7 @@ def cross_modal_examples(records: Iterable[Record], asr_templates: list[str], tt
         try:
             units = format_unit_string(parse_units(*record["units"]))
             text = _text(*record["text"], empty_reason="empty transcript")
-        except _Bad as bad:
+        except BadRecord as bad:
             stats.reject(bad)
             continue
         if rng.random() < asr_prob:
@@ -304,7 +304,7 @@ def com_examples(records: Iterable[Record], mix: dict[str, float], stats: BuildS
             text_i = _text(*record["text_i"], empty_reason="empty text")
             text_r = _text(*record["text_r"], empty_reason="empty text")
             speech = {k: parsers[k](*record[k]) for k in used if used[k] and k in record}
-        except _Bad as bad:
+        except BadRecord as bad:
             stats.reject(bad)
             continue
         allowed = [f for f in selected

@@ -24,7 +24,7 @@ from typing import Iterator, TextIO
 from tqdm import tqdm
 
 from speechgpt_fairseq.atomic_files import atomic_file, atomic_files_into
-from speechgpt_fairseq.data.builders import BuildError, BuildStats, UnitParser, _Bad, read_aligned
+from speechgpt_fairseq.data.builders import BuildError, BuildStats, UnitParser, BadRecord, read_aligned
 from speechgpt_fairseq.speech.units import format_kmeans_labels, format_unit_string
 
 SOURCE_LANG, TARGET_LANG = "txt", "unit"  # the file suffixes, and fairseq's --source-lang / --target-lang
@@ -58,11 +58,11 @@ def characters(text: str, lowercase: bool = True) -> str:
 
 def _source(where: str, text: str, lowercase: bool) -> str:
     if WORD_BOUNDARY in text:
-        raise _Bad(where, "bad text", f"the text contains {WORD_BOUNDARY!r}, the word-boundary symbol of the "
+        raise BadRecord(where, "bad text", f"the text contains {WORD_BOUNDARY!r}, the word-boundary symbol of the "
                                       f"source: {text.strip()[:40]!r}")
     source = characters(text, lowercase)
     if not source:
-        raise _Bad(where, "empty text", "empty text (expected a sentence: each line of text is one utterance)")
+        raise BadRecord(where, "empty text", "empty text (expected a sentence: each line of text is one utterance)")
     return source
 
 
@@ -79,14 +79,14 @@ def _pairs(split: Split, stats: BuildStats, dedup: bool, lowercase: bool, num_un
                 stats.read += 1
                 try:
                     yield _source(f"{split.text}:{lineno}", line, lowercase), None
-                except _Bad as bad:
+                except BadRecord as bad:
                     stats.reject(bad)
         return
     parse_units = UnitParser(num_units, dedup)
     for record in read_aligned(split.units, split.text, stats):
         try:
             yield _source(*record["text"], lowercase), parse_units(*record["units"])
-        except _Bad as bad:
+        except BadRecord as bad:
             stats.reject(bad)
 
 

@@ -12,7 +12,7 @@ from speechgpt_fairseq.data.text_to_unit import (Split, TextToUnitError, charact
                                                  write_units)
 from speechgpt_fairseq.speech.units import format_unit_string
 
-CORPUS = Path(__file__).resolve().parents[2] / "examples" / "stage1" / "corpus"
+CORPUS = Path(__file__).resolve().parents[2] / "examples" / "corpus"
 K = 100  # the bundled corpus' units
 
 

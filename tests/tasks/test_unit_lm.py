@@ -86,8 +86,8 @@ MATCHING_MODEL = ["model.decoder_layers=2", "model.decoder_embed_dim=64", "model
 
 def test_training_starts_from_a_converted_checkpoint(cli, converted_k100, tmp_path):
     data = tmp_path / "data"
-    cli("speechgpt", "prepare-units", f"train={STAGE1 / 'corpus' / 'train.km'}",
-        f"valid={STAGE1 / 'corpus' / 'valid.km'}", "--vocab", converted_k100, "--out", data, "--no-progress")
+    cli("speechgpt", "prepare-units", f"train={REPO / 'examples' / 'corpus' / 'train.km'}",
+        f"valid={REPO / 'examples' / 'corpus' / 'valid.km'}", "--vocab", converted_k100, "--out", data, "--no-progress")
     run = train(cli, tmp_path, f"task.data={data}", *MATCHING_MODEL, "optimization.max_update=4",
                 f"checkpoint.finetune_from_model={converted_k100 / 'checkpoint.pt'}",
                 "dataset.validate_interval_updates=4")

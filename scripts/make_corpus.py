@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Make the small unit corpus that ships in examples/stage1/corpus/ (stages 1, 2 and 3 of the tiny pipeline).
+"""Make the small unit corpus that ships in examples/corpus/ (stages 1, 2 and 3 of the tiny pipeline).
 
 English sentences from a small grammar are spoken by espeak-ng (several voices and rates), turned into
 39-dim MFCC features (HuBERT's first k-means iteration), clustered with k-means, labelled, and the
@@ -8,7 +8,7 @@ synthesis, so held-out sentences never occur in train. Question/answer pairs fro
 are sentences of the same kinds) are spoken and labelled with the same k-means model, for chain-of-modality
 data; a small LLaMA-style sentencepiece tokenizer is trained on all the text. Everything is seeded:
 
-    python scripts/make_stage1_corpus.py --out examples/stage1/corpus
+    python scripts/make_corpus.py --out examples/corpus
 
 Writes train.km, valid.km, test.km (fairseq k-means label lines), train.wrd, valid.wrd, test.wrd
 (transcripts), test.txt (prompts: `<sosp>` + the first 30% of each held-out utterance's units, no `<eosp>`),
@@ -45,7 +45,7 @@ from speechgpt_fairseq.speech.kmeans import KmeansLabeler, fit_kmeans, save_kmea
 from speechgpt_fairseq.speech.mfcc import mfcc_features
 from speechgpt_fairseq.speech.units import dedup_units, format_kmeans_labels, format_unit_string
 
-logger = logging.getLogger("make_stage1_corpus")
+logger = logging.getLogger("make_corpus")
 
 VOICES = ["en", "en-us", "en+f3", "en+m3"]
 RATES = [130, 155, 180, 205]  # words per minute; espeak-ng's default is 175
@@ -494,7 +494,7 @@ def tokenizer_stats(model: bytes, sentences: list[str], pairs: list[tuple[str, s
 
 def readme(args: argparse.Namespace, argv: list[str] | None, counts: dict[str, int], qa_counts: dict[str, int],
            stats: dict) -> str:
-    command = " ".join(["python scripts/make_stage1_corpus.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python scripts/make_corpus.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     grammar = ", ".join(f"{name} {n}" for name, n in stats["grammar"].items())
     espeak = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout.split("Data")[0].strip()
     versions = f"{espeak}; kaldi-native-fbank {version('kaldi-native-fbank')}, " \
@@ -516,7 +516,7 @@ def readme(args: argparse.Namespace, argv: list[str] | None, counts: dict[str, i
 A small, real corpus of discrete speech units for the tiny pipeline: unit sequences for stage 1
 (`unit_lm`), (speech, transcript) pairs for stage 2, spoken question/answer pairs for stage 3
 (chain-of-modality), and a small LLaMA-style text tokenizer. Made on CPU in two to three minutes (two cores)
-by `scripts/make_stage1_corpus.py`, from the repository root:
+by `scripts/make_corpus.py`, from the repository root:
 
     {command}
 
@@ -590,9 +590,9 @@ Tools: {versions}.
   `{{"text_i": QUESTION, "text_r": ANSWER, "units_i": [...], "units_r": [...]}}`, the spoken question and answer
   as lists of unit ids in [0, {args.num_units}), repeats merged: the manifest of `speechgpt build-com`, e.g.
 
-      speechgpt build-com --manifest examples/stage1/corpus/qa_train.jsonl --num-units {args.num_units} --out com_train.jsonl
+      speechgpt build-com --manifest examples/corpus/qa_train.jsonl --num-units {args.num_units} --out com_train.jsonl
 
-- `tokenizer.model`: the sentencepiece model; as `--vocab examples/stage1/corpus/tokenizer.model --num-units
+- `tokenizer.model`: the sentencepiece model; as `--vocab examples/corpus/tokenizer.model --num-units
   {args.num_units}` it gives a vocabulary of {tok['pieces']} + {args.num_units} units + 6 SpeechGPT tokens =
   {tok['pieces'] + args.num_units + 6} tokens.
 
