@@ -12,7 +12,7 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from fairseq.data.indexed_dataset import MMapIndexedDataset, _dtype_header_code, best_fitting_int_dtype
@@ -23,6 +23,11 @@ from speechgpt_fairseq.speech.units import (EOSP, SOSP, UnitFormatError, detect_
                                             parse_unit_string)
 
 _CHUNK = 4096  # records buffered before a write
+
+
+# read(split name, input path, stats) -> records of parallel token lists; channels(dir, name) -> [(prefix, vocab size)]
+ReadSplit = Callable[[str, str, "SplitStats"], Iterable[tuple[list[int], ...]]]
+ChannelsOf = Callable[[Path, str], list[tuple[Path, int]]]
 
 
 class BinarizeError(ValueError):
@@ -143,15 +148,12 @@ def write_split(records: Iterable[tuple[list[int], ...]], channels: list[tuple[s
     stats.records, stats.tokens = writers[0].num_records, writers[0].num_tokens
 
 
-def prepare_units(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabulary,
-                  open_splits: Iterable[str] = (), show_progress: bool = True) -> list[SplitStats]:
-    """Binarize units files into `out` (one `name.bin/.idx` per split) with `vocab.json` beside them."""
+def binarize_splits(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabulary, read: ReadSplit,
+                    channels: ChannelsOf, what: str = "records", show_progress: bool = True) -> list[SplitStats]:
+    """Binarize each input file with `read(name, path, stats)` into the channels `channels(scratch, name)`
+    names, then `vocab.json`; all of it lands in `out` together, or none of it."""
     from tqdm import tqdm
 
-    open_splits = set(open_splits)
-    unknown = open_splits - set(splits)
-    if unknown:
-        raise BinarizeError(f"--open names splits that are not given: {sorted(unknown)}")
     results = []
     with atomic_files_into(out) as scratch:
         vocab.save(scratch / VOCAB_FILE)
@@ -159,10 +161,23 @@ def prepare_units(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabul
             if not Path(path).is_file():
                 raise BinarizeError(f"{path}: no such file (split {name!r})")
             stats = SplitStats(str(path))
-            with tqdm(desc=f"{name} ({Path(path).name})", unit=" utt", disable=not show_progress) as bar:
-                records = ((ids,) for ids in read_unit_lines(path, vocab, stats, open_ended=name in open_splits))
-                write_split(records, [(scratch / name, len(vocab))], stats, progress=bar)
+            with tqdm(desc=f"{name} ({Path(path).name})", unit=f" {what}", disable=not show_progress) as bar:
+                write_split(read(name, path, stats), channels(scratch, name), stats, progress=bar)
             if stats.records == 0:
-                raise BinarizeError(f"{path}: no utterances (split {name!r})")
+                raise BinarizeError(f"{path}: no {what} (split {name!r})")
             results.append(stats)
     return results
+
+
+def prepare_units(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabulary,
+                  open_splits: Iterable[str] = (), show_progress: bool = True) -> list[SplitStats]:
+    """Binarize units files into `out` (one `name.bin/.idx` per split) with `vocab.json` beside them."""
+    open_splits = set(open_splits)
+    unknown = open_splits - set(splits)
+    if unknown:
+        raise BinarizeError(f"--open names splits that are not given: {sorted(unknown)}")
+    return binarize_splits(
+        splits, out, vocab,
+        read=lambda name, path, stats: ((ids,) for ids in read_unit_lines(path, vocab, stats, name in open_splits)),
+        channels=lambda scratch, name: [(scratch / name, len(vocab))], what="utterances",
+        show_progress=show_progress)

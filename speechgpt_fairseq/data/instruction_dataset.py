@@ -6,6 +6,7 @@ import torch
 from fairseq.data import FairseqDataset, data_utils
 
 from speechgpt_fairseq.data.instructions import PROMPT, RESPONSE, SYSTEM
+from speechgpt_fairseq.data.lm_dataset import SizedDataset
 
 # which segments carry loss under each policy (data/instructions.py defines the segments)
 LOSS_SEGMENTS = {
@@ -15,7 +16,7 @@ LOSS_SEGMENTS = {
 }
 
 
-class InstructionDataset(FairseqDataset):
+class InstructionDataset(SizedDataset):
     """Example i: source `<s> x[:-1]`, target `x` with non-loss positions set to pad, and its prompt length
     (system + human turn), which generation uses to split prompt from reference."""
 
@@ -34,15 +35,6 @@ class InstructionDataset(FairseqDataset):
 
     def __len__(self):
         return len(self.tokens)
-
-    def num_tokens(self, index):
-        return int(self.sizes[index])
-
-    def num_tokens_vec(self, indices):
-        return self.sizes[indices]
-
-    def size(self, index):
-        return int(self.sizes[index])
 
     def ordered_indices(self):
         """Random order, then stably sorted by length: batches hold examples of similar length."""
@@ -74,7 +66,7 @@ def collate_instructions(samples: list[dict], pad: int) -> dict:
     return batch
 
 
-class PackedInstructionDataset(FairseqDataset):
+class PackedInstructionDataset(SizedDataset):
     """Examples packed into rows of at most `row_tokens` tokens (best-fit decreasing); attention and positions
     stay inside each example (the model's `example_ids`)."""
 
@@ -95,15 +87,6 @@ class PackedInstructionDataset(FairseqDataset):
 
     def __len__(self):
         return len(self.rows)
-
-    def num_tokens(self, index):
-        return int(self.sizes[index])
-
-    def num_tokens_vec(self, indices):
-        return self.sizes[indices]
-
-    def size(self, index):
-        return int(self.sizes[index])
 
     def ordered_indices(self):
         return np.random.permutation(len(self))

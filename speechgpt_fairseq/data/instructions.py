@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 from typing import Iterator
 
-from speechgpt_fairseq.atomic_files import atomic_files_into
-from speechgpt_fairseq.data.binarize import BinarizeError, SplitStats, write_split
+from speechgpt_fairseq.data.binarize import BinarizeError, SplitStats, binarize_splits
 from speechgpt_fairseq.data.prompts import Example, PromptFormatError, split_turn
-from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
+from speechgpt_fairseq.data.vocabulary import Vocabulary
 from speechgpt_fairseq.speech.units import UnitFormatError, parse_unit_string
 
 SYSTEM, PROMPT, RESPONSE = 0, 1, 2
@@ -94,20 +92,8 @@ def parse_line(line: str) -> Example:
 def prepare_instructions(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabulary, skip_bad: bool = False,
                          show_progress: bool = True) -> list[SplitStats]:
     """Binarize JSON-lines files into `out`: NAME.bin/.idx (tokens), NAME.seg.bin/.idx (segments), vocab.json."""
-    from tqdm import tqdm
-
-    results = []
-    with atomic_files_into(out) as scratch:
-        vocab.save(scratch / VOCAB_FILE)
-        for name, path in splits.items():
-            if not Path(path).is_file():
-                raise BinarizeError(f"{path}: no such file (split {name!r})")
-            stats = SplitStats(str(path))
-            with tqdm(desc=f"{name} ({Path(path).name})", unit=" ex", disable=not show_progress) as bar:
-                write_split(read_examples(path, vocab, stats, skip_bad),
-                            [(scratch / name, len(vocab)), (scratch / f"{name}{SEGMENTS_SUFFIX}", RESPONSE + 1)],
-                            stats, progress=bar)
-            if stats.records == 0:
-                raise BinarizeError(f"{path}: no examples (split {name!r})")
-            results.append(stats)
-    return results
+    return binarize_splits(
+        splits, out, vocab, read=lambda name, path, stats: read_examples(path, vocab, stats, skip_bad),
+        channels=lambda scratch, name: [(scratch / name, len(vocab)),
+                                        (scratch / f"{name}{SEGMENTS_SUFFIX}", RESPONSE + 1)],
+        what="examples", show_progress=show_progress)

@@ -21,12 +21,10 @@ def collate_next_token(samples: list[dict], pad: int) -> dict:
     }
 
 
-class _NextTokenDataset(FairseqDataset):
-    def __init__(self, pad: int, shuffle: bool):
-        self.pad, self.shuffle = pad, shuffle
+class SizedDataset(FairseqDataset):
+    """fairseq's size queries answered from `self.sizes` (tokens per sample)."""
 
-    def collater(self, samples):
-        return collate_next_token(samples, self.pad)
+    sizes: np.ndarray
 
     def num_tokens(self, index):
         return int(self.sizes[index])
@@ -36,6 +34,14 @@ class _NextTokenDataset(FairseqDataset):
 
     def size(self, index):
         return int(self.sizes[index])
+
+
+class _NextTokenDataset(SizedDataset):
+    def __init__(self, pad: int, shuffle: bool):
+        self.pad, self.shuffle = pad, shuffle
+
+    def collater(self, samples):
+        return collate_next_token(samples, self.pad)
 
     def ordered_indices(self):
         if self.shuffle:

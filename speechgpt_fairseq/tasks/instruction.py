@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 import torch
 from fairseq.data import ConcatDataset, ResamplingDataset, data_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.tasks import FairseqTask, register_task
+from fairseq.tasks import register_task
 from omegaconf import II
 
 from speechgpt_fairseq.data.instruction_dataset import LOSS_SEGMENTS, InstructionDataset, PackedInstructionDataset
 from speechgpt_fairseq.data.instructions import SEGMENTS_SUFFIX
 from speechgpt_fairseq.data.prompts import EOA
 from speechgpt_fairseq.data.vocabulary import Vocabulary
-from speechgpt_fairseq.models.generation import PromptPrefillGenerator
-from speechgpt_fairseq.tasks.unit_lm import TaskDataError, load_data_vocabulary, load_split
+from speechgpt_fairseq.tasks.base import SpeechGPTTask, TaskDataError, load_split
 
 logger = logging.getLogger(__name__)
 
@@ -43,19 +42,8 @@ class InstructionConfig(FairseqDataclass):
     seed: int = II("common.seed")
 
 
-class InstructionTask(FairseqTask):
-    """The shared base of cross_modal_sft and com_sft; the vocabulary travels in checkpoints (task state)."""
-
-    def __init__(self, cfg: InstructionConfig, vocab: Vocabulary):
-        super().__init__(cfg)
-        self.vocab = vocab
-        self.dictionary = vocab.to_dictionary()
-
-    @classmethod
-    def setup_task(cls, cfg, **kwargs):
-        vocab = load_data_vocabulary(cfg.data)
-        logger.info(f"vocabulary: {len(vocab)} tokens; loss on: {cfg.loss_policy}")
-        return cls(cfg, vocab)
+class InstructionTask(SpeechGPTTask):
+    """The shared base of cross_modal_sft and com_sft."""
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
         if self.cfg.mix and split == "train":
@@ -94,29 +82,7 @@ class InstructionTask(FairseqTask):
             logger.info(f"mix: {name} x{weight} -> {round(len(ds) * weight)} examples per epoch")
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
-    @property
-    def source_dictionary(self):
-        return self.dictionary
-
-    @property
-    def target_dictionary(self):
-        return self.dictionary
-
-    def max_positions(self):
-        return self.cfg.tokens_per_sample
-
-    def state_dict(self):
-        return {"vocabulary": self.vocab.to_dict()}
-
-    def load_state_dict(self, state_dict):
-        pass  # the data directory's vocabulary rules; a checkpoint of another one is refused by the model
-
     # ---- generation ---------------------------------------------------------------------------
-    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
-        extra = {"stop_text": self.cfg.stop_text, **(extra_gen_cls_kwargs or {})}
-        return super().build_generator(models, args, seq_gen_cls=seq_gen_cls or PromptPrefillGenerator,
-                                       extra_gen_cls_kwargs=extra, **kwargs)
-
     def build_bpe(self, args):
         """fairseq-generate's D- lines: the vocabulary's text, answer end (`<eoa>`) stripped, for scoring."""
         if getattr(args, "_name", None):
