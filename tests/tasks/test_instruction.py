@@ -64,9 +64,15 @@ def generate(cli, data, ckpt, cwd, batch_size):
                "--batch-size", batch_size, cwd=cwd).stdout
 
 
-def test_generate_batched_equals_one_by_one_and_scores(cli, sft_data, trained, tmp_path):
+@pytest.fixture(scope="module")
+def generated(cli, sft_data, trained, tmp_path_factory) -> str:
+    """fairseq-generate's output on the 50 test examples, in batches of 8."""
+    return generate(cli, sft_data, trained[0], tmp_path_factory.mktemp("gen"), 8)
+
+
+def test_generate_batched_equals_one_by_one_and_scores(cli, sft_data, trained, generated, tmp_path):
     ckpt, _ = trained
-    batched = generate(cli, sft_data, ckpt, tmp_path, 8)
+    batched = generated
     single = generate(cli, sft_data, ckpt, tmp_path, 1)
 
     def hyps(out):  # ids and texts; scores differ in the last float digits between batch shapes
@@ -84,12 +90,12 @@ def test_generate_batched_equals_one_by_one_and_scores(cli, sft_data, trained, t
     assert all(("text_wer" in r) != ("units_uer" in r) for r in rows)
 
 
-def test_python_api_generates_what_fairseq_generate_does(cli, sft_data, trained, tmp_path):
+def test_python_api_generates_what_fairseq_generate_does(trained, generated):
     from speechgpt_fairseq.data.prompts import split_turn
     from speechgpt_fairseq.inference import SPEECHGPT_SAMPLING, SpeechGPTModel
 
     ckpt, _ = trained
-    out = generate(cli, sft_data, ckpt, tmp_path, 8)
+    out = generated
     prompts = {int(line.split("\t")[0][2:]): line.split("\t")[1] for line in out.splitlines() if line.startswith("S-")}
     expected = {int(line.split("\t")[0][2:]): line.split("\t")[2] for line in out.splitlines() if line.startswith("D-")}
     model = SpeechGPTModel.from_checkpoint(ckpt)
