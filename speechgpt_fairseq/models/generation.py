@@ -2,7 +2,9 @@
 
 - The forced prompt runs through the decoder in one forward pass. fairseq feeds a prompt (`prefix_tokens`) one
   token per step; before generating, this generator hands the prompt to every decoder that accepts it
-  (`set_pending_prompt`), which encodes the positions the batch's prompts share at the first step.
+  (`set_pending_prompt`), which encodes the positions the batch's prompts share at the first step. The steps
+  that follow, while every row is still inside its prompt, do not call the model at all, and forced tokens
+  score 0: a hypothesis' score is the log-probability of its response.
 - Generation can stop at a text such as SpeechGPT's `<eoa>`, which is several tokens in SpeechGPT's
   vocabulary: once a hypothesis' generated tokens end with it, the only continuation allowed is `</s>`.
 - The length limit (`--max-len-a`, `--max-len-b`) applies to each prompt with its own length, so a prompt
@@ -22,6 +24,11 @@ def right_padded_lengths(x: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.where(real.any(1), x.size(1) - real.flip(1).int().argmax(1), torch.zeros_like(real[:, 0], dtype=torch.long))
 
 
+def prefilled_length(prompts: torch.Tensor, pad: int) -> int:
+    """Prompt positions a batch shares before any row's first pad: what the decoder encodes in one pass."""
+    return int(prompts.ne(pad).cumprod(1).sum(1).min()) if prompts.numel() else 0
+
+
 class PromptEnsemble(EnsembleModel):
     """fairseq's ensemble wrapper, ending each hypothesis on its own terms: `</s>` is forced once its generated
     text ends with `stop_text`, or once it reaches its length limit, computed from its own prompt length
@@ -29,16 +36,26 @@ class PromptEnsemble(EnsembleModel):
 
     def __init__(self, models, dictionary, stop_text: str | None):
         super().__init__(models)
-        self.stop_text, self.eos = stop_text, dictionary.eos()
+        self.stop_text, self.eos, self.pad = stop_text, dictionary.eos(), dictionary.pad()
+        self.vocab_size = len(dictionary)
         vocab = getattr(dictionary, "vocab", None)  # our dictionaries know each token's text
         self.texts = vocab.token_texts if vocab is not None else list(dictionary.symbols)
         # per row, set by the generator before each search and reordered with the beams
+        self.prompts: torch.Tensor | None = None  # (rows, P) right-padded, the forced tokens
+        self.prefilled = 0  # prompt positions every decoder encodes at step 0 (0: decoders run every step)
         self.prompt_lengths: torch.Tensor | None = None
         self.max_steps: torch.Tensor | None = None
 
     def forward_decoder(self, tokens, encoder_outs, incremental_states, temperature: float = 1.0):
-        lprobs, attn = super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
         step = tokens.size(1) - 1
+        forced = self._forced_tokens(step)
+        if forced is not None:
+            # every row is inside its prompt: the next token is given, so the model is not asked (the decoder
+            # encoded the prompt in one pass at step 0); forced tokens score 0, hypotheses score their response
+            lprobs = torch.full((tokens.size(0), self.vocab_size), -math.inf, device=tokens.device)
+            lprobs.scatter_(1, forced.unsqueeze(1), 0.0)
+            return lprobs, None
+        lprobs, attn = super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
         at_limit = self.max_steps <= step
         if at_limit.any():  # as fairseq does at its own limit: only </s> remains, with the model's score
             eos = lprobs[at_limit, self.eos]
@@ -52,6 +69,13 @@ class PromptEnsemble(EnsembleModel):
                     lprobs[row, self.eos] = 0.0  # the answer ended with the stop text: </s> is certain
         return lprobs, attn
 
+    def _forced_tokens(self, step: int) -> torch.Tensor | None:
+        """The prompt tokens forced at `step` when the model need not run: every row is inside the part of its
+        prompt the decoders encoded in their first call (positions 0 .. `prefilled`); else None."""
+        if not 0 < step < self.prefilled:
+            return None
+        return self.prompts[:, step]
+
     def _ends_with_stop(self, ids: list[int]) -> bool:
         text = ""
         for i in reversed(ids):  # the shortest suffix of generated tokens that could hold the stop text
@@ -62,8 +86,9 @@ class PromptEnsemble(EnsembleModel):
 
     def reorder_incremental_state(self, incremental_states, new_order):
         super().reorder_incremental_state(incremental_states, new_order)
-        self.prompt_lengths = self.prompt_lengths.index_select(0, new_order)
-        self.max_steps = self.max_steps.index_select(0, new_order)
+        for name in ("prompts", "prompt_lengths", "max_steps"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).index_select(0, new_order))
 
 
 class PromptPrefillGenerator(SequenceGenerator):
@@ -80,6 +105,10 @@ class PromptPrefillGenerator(SequenceGenerator):
         # fairseq's limit a * src_len + b, with this row's source length (<s> + prompt) instead of the batch's
         own_src_len = right_padded_lengths(src, self.pad)
         max_steps = (self.max_len_a * own_src_len + self.max_len_b).long().clamp(max=self.max_len - 1)
+        self.model.prompts = None if prefix_tokens is None else prefix_tokens.repeat_interleave(self.beam_size, 0)
+        # the decoders' prefill (llama.py) covers the prompt positions all rows share up to their first pad
+        self.model.prefilled = (prefilled_length(prefix_tokens, self.pad)
+                                if prefix_tokens is not None and len(decoders) == len(self.model.models) else 0)
         self.model.prompt_lengths = lengths.repeat_interleave(self.beam_size)
         self.model.max_steps = max_steps.repeat_interleave(self.beam_size)
         try:

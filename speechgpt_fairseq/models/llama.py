@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from speechgpt_fairseq.data.vocabulary import dictionary_digest
+from speechgpt_fairseq.models.generation import prefilled_length
 from speechgpt_fairseq.models.lora import LoRAError, apply_lora, is_lora_key, load_base_weights, parse_targets
 
 
@@ -279,20 +280,24 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
                 prompt = prompt.repeat_interleave(tokens.size(0) // prompt.size(0), dim=0)
                 # forced positions all rows share: fairseq forces every non-pad prompt token, so stop at the
                 # first pad of any row (padding, or a genuine <unk> where pad is unk)
-                common = int(prompt.ne(self.dictionary.pad()).cumprod(1).sum(1).min())
+                common = prefilled_length(prompt, self.dictionary.pad())
                 if common > 0:
                     # positions 0..common in one pass; steps up to `common` read their hidden state from here
                     cache["prefill"] = self._run(torch.cat([tokens[:, :1], prompt[:, :common]], 1), 0, cache)
         prefill = cache.get("prefill")
-        if prefill is not None and pos < prefill.size(1):
-            return prefill[:, pos:pos + 1]
+        if prefill is not None:
+            if pos < prefill.size(1):
+                return prefill[:, pos:pos + 1]
+            del cache["prefill"]  # past the prompt: nothing to keep (or reorder) any longer
         return self._run(tokens[:, -1:], pos, cache)
 
     def reorder_incremental_state(self, incremental_state: dict, new_order: Tensor):
         cache = self.get_incremental_state(incremental_state, "cache")
-        if cache is not None:
-            for key, value in cache.items():
-                cache[key] = value.index_select(0, new_order)
+        if cache is None or (len(new_order) == next(iter(cache.values()), new_order).size(0)
+                             and torch.equal(new_order, torch.arange(len(new_order), device=new_order.device))):
+            return  # the same rows in the same order (greedy and sampling, until a row finishes)
+        for key, value in cache.items():
+            cache[key] = value.index_select(0, new_order)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def upgrade_state_dict_named(self, state_dict, name):

@@ -63,3 +63,20 @@ def test_token_texts_read_byte_pieces(sentencepiece_model):
     v = Vocabulary.from_tokenizer(sentencepiece_model, num_units=5)
     ids = v.encode(" basket<eoa>", continuation=True)
     assert "".join(v.token_texts[i] for i in ids) == " basket<eoa>"
+
+
+def test_prompt_steps_do_not_run_the_model_and_score_zero():
+    """fairseq steps through a prompt one token at a time; ours encodes it once at step 0 and skips the model
+    while every row is inside it. Forced tokens score 0: a hypothesis scores its response."""
+    model = chain_model(VOCAB, CHAIN)
+    runs = []
+    model.decoder.embed_tokens.register_forward_hook(lambda m, i, o: runs.append(o.shape[1]))
+    d = model.decoder.dictionary
+    prompt = torch.tensor([[VOCAB.index[t] for t in ["<sosp>", "<1>", "<2>", "<3>", "<4>", "<0>"]]])
+    src = torch.cat([torch.tensor([[VOCAB.bos]]), prompt], 1)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor([7])}, "id": torch.tensor([0])}
+    gen = PromptPrefillGenerator([model], d, beam_size=1, max_len_a=0, max_len_b=9)
+    hypo = gen.generate([model], sample, prefix_tokens=prompt, bos_token=VOCAB.bos)[0][0]
+    assert runs[0] == 7 and runs[1:] == [1] * (len(runs) - 1)  # one pass over <s> + prompt, then per token
+    assert len(runs) == 1 + (len(hypo["tokens"]) - 1 - 6)  # no run for the prompt steps
+    assert hypo["positional_scores"][:6].eq(0).all()
