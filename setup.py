@@ -27,6 +27,7 @@ setup(
         "soundfile",
         "soxr",
         "kaldi-native-fbank",
+        "editdistance",
     ],
     extras_require={"test": ["pytest>=7", "peft>=0.10"]},
     entry_points={"console_scripts": ["speechgpt = speechgpt_fairseq.cli.main:main"]},
