@@ -61,7 +61,8 @@ def test_mix_and_pack_train(cli, sft_data, tmp_path):
 def generate(cli, data, ckpt, cwd, batch_size):
     return cli("fairseq-generate", data, "--user-dir", REPO / "user_dir", "--task", "cross_modal_sft",
                "--path", ckpt, "--gen-subset", "test", "--beam", "1", "--max-len-a", "1", "--max-len-b", "60",
-               "--batch-size", batch_size, cwd=cwd).stdout
+               "--batch-size", batch_size, "--scoring", "wer", "--wer-lowercase", "--wer-remove-punct",
+               cwd=cwd).stdout
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,7 @@ def test_generate_batched_equals_one_by_one_and_scores(cli, sft_data, trained, g
                       if line.startswith(("H-", "T-", "S-")))
 
     assert hyps(batched) == hyps(single) and len([h for h, _ in hyps(batched) if h.startswith("H-")]) == 50
+    assert re.search(r"WER: [0-9.]+", batched)  # fairseq's own scorer reads the D-/T- lines
     prompts = [line.split("\t")[1] for line in batched.splitlines() if line.startswith("S-")]
     assert all(p.endswith("[SpeechGPT]:") for p in prompts)  # the prompt, cut at the assistant turn
     (tmp_path / "gen.txt").write_text(batched)
