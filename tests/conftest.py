@@ -134,3 +134,45 @@ def cli():
 @pytest.fixture(scope="session")
 def make_hf_llama():
     return write_hf_llama
+
+
+def write_tiny_vocoder(out: Path, num_units: int = 100, num_speakers: int | None = 4, frames_per_unit: int = 2,
+                       seed: int = 0) -> tuple[Path, Path]:
+    """A tiny random unit HiFi-GAN saved as fairseq's released unit vocoders are: (checkpoint, config.json).
+
+    The real generator layout (5 upsamplings, 320 samples per unit at 16 kHz) with few channels; a duration
+    predictor that gives every unit `frames_per_unit` frames; `num_speakers` speaker ids (None: one speaker).
+    """
+    from fairseq.models.text_to_speech.codehifigan import CodeGenerator
+
+    out.mkdir(parents=True, exist_ok=True)
+    emb = 16
+    cfg = {"resblock": "1", "upsample_rates": [5, 4, 4, 2, 2], "upsample_kernel_sizes": [11, 8, 8, 4, 4],
+           "upsample_initial_channel": 32, "resblock_kernel_sizes": [3, 7, 11],
+           "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]], "num_embeddings": num_units,
+           "embedding_dim": emb, "model_in_dim": emb * (2 if num_speakers else 1), "segment_size": 8960,
+           "code_hop_size": 320, "f0": False, "sampling_rate": 16000, "dur_prediction_weight": 1.0,
+           "dur_predictor_params": {"encoder_embed_dim": emb, "var_pred_hidden_dim": emb, "var_pred_kernel_size": 3,
+                                    "var_pred_dropout": 0.5}}
+    if num_speakers:
+        cfg.update(multispkr="from_input_file", num_speakers=num_speakers)
+    torch.manual_seed(seed)
+    generator = CodeGenerator(cfg)
+    with torch.no_grad():  # log-duration predictor: exp(log(1 + n)) - 1 = n frames for every unit
+        generator.dur_predictor.proj.weight.zero_()
+        generator.dur_predictor.proj.bias.fill_(float(torch.log(torch.tensor(1.0 + frames_per_unit))))
+    checkpoint, config = out / "vocoder.pt", out / "config.json"
+    torch.save({"generator": generator.state_dict()}, checkpoint)
+    config.write_text(json.dumps(cfg, indent=2))
+    return checkpoint, config
+
+
+@pytest.fixture(scope="session")
+def tiny_vocoder(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, config.json) of a tiny random multi-speaker unit HiFi-GAN: K=100, 4 speakers, durations of 2."""
+    return write_tiny_vocoder(tmp_path_factory.mktemp("vocoder"))
+
+
+@pytest.fixture(scope="session")
+def make_tiny_vocoder():
+    return write_tiny_vocoder

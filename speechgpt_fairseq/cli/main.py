@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from speechgpt_fairseq.cli import builders, checkpoints, instructions, text_to_unit, units
+from speechgpt_fairseq.cli import builders, checkpoints, instructions, text_to_unit, units, vocoder
 
 VERBS = {
     "build-com": builders.BuildCoM,
@@ -18,6 +18,7 @@ VERBS = {
     "score": instructions.Score,
     "t2u-export": text_to_unit.T2UExport,
     "t2u-import": text_to_unit.T2UImport,
+    "unit2speech": vocoder.Unit2Speech,
 }
 
 

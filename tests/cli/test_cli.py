@@ -7,7 +7,7 @@ from speechgpt_fairseq.cli.main import VERBS, build_parser
 
 def test_verbs():
     assert sorted(VERBS) == ["build-com", "build-cross-modal", "convert-hf", "export-hf", "import-peft",
-                             "prepare-sft", "prepare-units", "score", "t2u-export", "t2u-import"]
+                             "prepare-sft", "prepare-units", "score", "t2u-export", "t2u-import", "unit2speech"]
 
 
 def test_registered_fairseq_names():
@@ -37,6 +37,8 @@ def test_registered_fairseq_names():
     ("t2u-export", {"--text", "--units", "--out", "--dedup", "--no-dedup", "--keep-case", "--num-units", "--skip-bad",
                     "--no-progress"}),
     ("t2u-import", {"--out", "--format", "--source", "--dedup"}),
+    ("unit2speech", {"--units", "--vocoder", "--vocoder-config", "--out", "--ids", "--speaker", "--dur-prediction",
+                     "--no-dur-prediction", "--device", "--skip-bad", "--no-progress"}),
 ])
 def test_verb_options(verb, options):
     sub = build_parser()._subparsers._group_actions[0].choices[verb]

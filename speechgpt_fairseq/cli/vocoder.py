@@ -1,0 +1,122 @@
+"""unit2speech: units to wavs with a unit HiFi-GAN vocoder (fairseq's CodeHiFiGANVocoder)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from speechgpt_fairseq.speech.units import UnitFormatError, detect_unit_format, parse_kmeans_labels, parse_unit_string
+from speechgpt_fairseq.speech.vocoder import UnitVocoder, write_wav
+
+logger = logging.getLogger(__name__)
+
+
+class UnitsInputError(ValueError):
+    """A units file, line or ids file that cannot be spoken; the message names the file and line."""
+
+
+def parse_units(line: str, fmt: str, num_units: int) -> list[int]:
+    """Units of one utterance: k-means labels `12 7 301` or a unit string `<sosp><12><7><301><eosp>`."""
+    if not line.strip():
+        raise UnitFormatError("empty line: expected the units of one utterance")
+    units = parse_kmeans_labels(line, num_units) if fmt == "kmeans" else parse_unit_string(line, num_units)[0]
+    if not units:
+        raise UnitFormatError("no units in this line")
+    return units
+
+
+def read_utterances(lines: list[str], source: str, num_units: int, skip_bad: bool, skipped: Counter
+                    ) -> list[tuple[int, list[int]]]:
+    """(0-based line index, units) for every line; the format is detected from the first non-empty line. A bad
+    line raises UnitsInputError naming `source:line`, or with `skip_bad` is logged and counted in `skipped`."""
+    first = next((line for line in lines if line.strip()), "")
+    fmt = detect_unit_format(first)
+    kind = "k-means labels" if fmt == "kmeans" else "SpeechGPT unit strings"
+    utterances = []
+    for index, line in enumerate(lines):
+        try:
+            utterances.append((index, parse_units(line, fmt, num_units)))
+        except UnitFormatError as e:
+            message = f"{source}:{index + 1}: {e} (this input holds {kind}, detected from its first line)"
+            if not skip_bad:
+                raise UnitsInputError(message) from None
+            logger.warning("skipped %s", message)
+            skipped["empty" if not line.strip() else "out of range" if "out of range" in str(e) else "malformed"] += 1
+    return utterances
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UnitsInputError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def wav_names(ids: Path | None, count: int) -> list[str]:
+    """`{index}.wav` for each input line, or the names of an ids file (one per input line)."""
+    if ids is None:
+        return [f"{i}.wav" for i in range(count)]
+    names = [line.strip() for line in read_lines(ids)]
+    if len(names) != count:
+        raise UnitsInputError(f"{ids}: has {len(names)} lines, the units have {count} (one name per utterance)")
+    seen: dict[str, int] = {}
+    for lineno, name in enumerate(names, 1):
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise UnitsInputError(f"{ids}:{lineno}: {name!r} is not a file name (expected a name like utt1)")
+        if name in seen:
+            raise UnitsInputError(f"{ids}:{lineno}: {name!r} repeats line {seen[name]}")
+        seen[name] = lineno
+    return [n if n.endswith(".wav") else f"{n}.wav" for n in names]
+
+
+class Unit2Speech:
+    """Speak units with a unit HiFi-GAN vocoder: a checkpoint and config.json in the format of fairseq's released
+    unit vocoders (as SpeechGPT uses). Input is a units file, one utterance per line (fairseq k-means labels
+    `12 7 301` or SpeechGPT unit strings `<sosp><12><7><301><eosp>`, detected from the first line), or one
+    utterance with --units. Writes OUT/{line index}.wav (0-based) or OUT/{id}.wav, each wav whole or not at all.
+    A bad line stops with its file and line before any wav is written (or is skipped with --skip-bad)."""
+
+    help = "units to speech: one wav per line with a unit HiFi-GAN vocoder (fairseq CodeHiFiGAN)"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("input", nargs="?", default=None, help="units file (k-means labels or SpeechGPT unit strings)")
+        p.add_argument("--units", default=None, help='one utterance instead of a file, e.g. "<sosp><12><7><eosp>"')
+        p.add_argument("--vocoder", required=True, help="vocoder checkpoint (generator weights under 'generator')")
+        p.add_argument("--vocoder-config", required=True, help="the vocoder's config.json")
+        p.add_argument("--out", required=True, help="directory for the wavs (created; wavs of the same name are replaced)")
+        p.add_argument("--ids", default=None, help="file of wav names, one per input line (default: the line index)")
+        p.add_argument("--speaker", type=int, default=None, help="speaker id, required by multi-speaker vocoders")
+        p.add_argument("--dur-prediction", action=argparse.BooleanOptionalAction, default=True,
+                       help="merge repeated units and predict each unit's duration, for SpeechGPT's deduplicated "
+                            "units (default); --no-dur-prediction gives every unit one frame (20 ms)")
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+        p.add_argument("--skip-bad", action="store_true", help="skip bad lines and count them, instead of stopping")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    @staticmethod
+    def run(args) -> None:
+        if (args.input is None) == (args.units is None):
+            raise UnitsInputError("give a units file or --units, not both or neither")
+        vocoder = UnitVocoder.from_files(args.vocoder, args.vocoder_config, device=args.device)
+        vocoder.check([0], args.speaker)  # speaker errors before any work
+        source = "--units" if args.input is None else args.input
+        lines = [args.units] if args.input is None else read_lines(Path(args.input))
+        skipped: Counter = Counter()
+        utterances = read_utterances(lines, source, vocoder.num_units, args.skip_bad, skipped)
+        names = wav_names(None if args.ids is None else Path(args.ids), len(lines))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        seconds = 0.0
+        for index, units in tqdm(utterances, desc="unit2speech", unit=" wav", disable=args.no_progress):
+            wav = vocoder(units, args.speaker, dur_prediction=args.dur_prediction)
+            write_wav(out / names[index], wav, vocoder.sample_rate)
+            seconds += len(wav) / vocoder.sample_rate
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+        print(f"wrote {out}: {len(utterances)} wavs, {seconds:.1f} s at {vocoder.sample_rate} Hz; "
+              f"skipped {sum(skipped.values())}" + (f" ({reasons})" if reasons else ""))
