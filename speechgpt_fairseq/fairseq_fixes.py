@@ -1,7 +1,8 @@
-"""Fixes for fairseq-fixed 0.12.3.1 under NumPy 2 and torch >= 2.6, applied once when the package is imported.
+"""Fixes for fairseq-fixed 0.12.3.1 under NumPy 2 and torch >= 2.6, and for multi-process training without GPUs,
+applied once when the package is imported.
 
 Each fix is the smallest change that makes fairseq's own code path correct; tests/test_fairseq_fixes.py
-proves each one.
+proves each one (the multi-process ones, with tests/test_distributed.py's training runs).
 """
 from __future__ import annotations
 
@@ -83,6 +84,38 @@ def _allow_fairseq_checkpoint_globals() -> None:
     torch.serialization.add_safe_globals(fairseq_checkpoint_safe_globals())
 
 
+def _trusted_broadcast() -> None:
+    """A run of two or more processes resumes (or starts from `finetune_from_model`) by loading the checkpoint
+    on rank 0 and sending it to the other ranks with `broadcast_object`: rank 0 pickles it, with the
+    checkpoint's config as an omegaconf DictConfig and a `_TensorPlaceholder` per tensor, and the other ranks
+    unpickle it with torch.load, which under torch >= 2.6 refuses those classes: every such resume failed.
+    The receiving ranks now unpickle in full. What they receive is what rank 0 pickled itself, from a checkpoint
+    it had loaded with `weights_only=True`; files are still loaded safely."""
+    import io
+
+    from fairseq.distributed import utils as distributed_utils
+
+    if getattr(distributed_utils._broadcast_object_slow, "trusted", False):
+        return
+
+    def broadcast_object_slow(obj, src_rank: int, group, dist_device: torch.device):
+        if distributed_utils.get_rank(group) == src_rank:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            data = torch.frombuffer(buffer.getbuffer(), dtype=torch.uint8).to(dist_device)
+            distributed_utils.broadcast(torch.tensor([data.numel()], device=dist_device), src=src_rank, group=group)
+            distributed_utils.broadcast(data, src=src_rank, group=group)
+            return obj
+        length = torch.zeros(1, dtype=torch.long, device=dist_device)
+        distributed_utils.broadcast(length, src=src_rank, group=group)
+        data = torch.empty(int(length.item()), dtype=torch.uint8, device=dist_device)
+        distributed_utils.broadcast(data, src=src_rank, group=group)
+        return torch.load(io.BytesIO(data.cpu().numpy()), map_location="cpu", weights_only=False)
+
+    broadcast_object_slow.trusted = True
+    distributed_utils._broadcast_object_slow = broadcast_object_slow
+
+
 def _atomic_copies() -> None:
     """fairseq writes checkpoint_last.pt / checkpoint_best.pt as plain copies of the checkpoint it just saved;
     a kill during the copy leaves a truncated checkpoint_last.pt and the run cannot resume. Local copies now
@@ -111,6 +144,48 @@ def _atomic_copies() -> None:
     PathManager.copy = staticmethod(copy)
 
 
+def _torchrun_without_gpus() -> None:
+    """Under torchrun (or torch.distributed.launch) fairseq sets `device_id = rank % torch.cuda.device_count()`:
+    a ZeroDivisionError on a machine without GPUs. The GPU is now torchrun's LOCAL_RANK, and without GPUs the
+    device id stays 0 (fairseq would otherwise call `torch.cuda.set_device` for ranks > 0)."""
+    import os
+
+    from fairseq.distributed import utils as distributed_utils
+
+    original = distributed_utils._infer_torch_distributed_launch_init
+    if getattr(original, "uses_local_rank", False):
+        return
+
+    def infer(cfg) -> None:
+        cfg.distributed_init_method = "env://"
+        cfg.distributed_world_size = int(os.environ["WORLD_SIZE"])
+        cfg.distributed_rank = int(os.environ["RANK"])
+        gpus = torch.cuda.device_count()
+        cfg.device_id = int(os.environ.get("LOCAL_RANK", cfg.distributed_rank % gpus)) if gpus else 0
+        cfg.distributed_no_spawn = True  # torchrun started the processes
+
+    infer.uses_local_rank = True
+    distributed_utils._infer_torch_distributed_launch_init = infer
+
+
+def _ddp_on_cpu() -> None:
+    """`ddp_backend=pytorch_ddp` (fairseq's default) hands DistributedDataParallel `device_ids=[device_id]`,
+    which torch refuses for a model on the CPU. For CPU models the device arguments are now left out."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fairseq.models import distributed_fairseq_model
+
+    if distributed_fairseq_model.DistributedDataParallel is not DistributedDataParallel:
+        return
+
+    def ddp(module, device_ids=None, output_device=None, **kwargs):
+        if all(p.device.type == "cpu" for p in module.parameters()):
+            device_ids = output_device = None
+        return DistributedDataParallel(module, device_ids=device_ids, output_device=output_device, **kwargs)
+
+    distributed_fairseq_model.DistributedDataParallel = ddp
+
+
 def apply() -> None:
     """Apply every fix once; importing `speechgpt_fairseq` calls this."""
     global _applied
@@ -119,5 +194,8 @@ def apply() -> None:
     _restore_np_compat_long()
     _keep_last_batch()
     _allow_fairseq_checkpoint_globals()
+    _trusted_broadcast()
     _atomic_copies()
+    _torchrun_without_gpus()
+    _ddp_on_cpu()
     _applied = True

@@ -150,3 +150,66 @@ def test_checkpoint_copies_are_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_7_400.pt", "checkpoint_last.pt"]
     monkeypatch.undo()
     assert PathManager.copy(str(src), str(dst), overwrite=True) and dst.read_bytes() == src.read_bytes()
+
+
+# ---- multi-process training without GPUs (the training runs themselves: tests/test_distributed.py) -----
+TORCHRUN_ENV = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fix is for machines without GPUs")
+def test_torchrun_ranks_on_a_machine_without_gpus(monkeypatch):
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.distributed import utils as distributed_utils
+
+    for key, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(key, value)
+    cfg = OmegaConf.structured(FairseqConfig()).distributed_training
+    cfg.distributed_world_size = 2
+    distributed_utils.infer_init_method(cfg)
+    assert (cfg.distributed_init_method, cfg.distributed_world_size, cfg.distributed_rank, cfg.device_id,
+            cfg.distributed_no_spawn) == ("env://", 2, 1, 0, True)
+
+
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_pytorch_ddp_wraps_a_cpu_model(one_process_group):
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.models import DistributedFairseqModel
+
+    cfg = OmegaConf.structured(FairseqConfig()).distributed_training
+    assert cfg.ddp_backend == "pytorch_ddp"  # fairseq's default
+    wrapped = DistributedFairseqModel(cfg, torch.nn.Linear(3, 2), one_process_group, torch.device("cpu"))
+    assert isinstance(wrapped.module, torch.nn.parallel.DistributedDataParallel) and wrapped.device_ids is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the failures are those of machines without GPUs")
+def test_plain_fairseq_fails_under_torchrun_and_pytorch_ddp_without_gpus():
+    code = f"""
+import os, torch, torch.distributed as dist
+from omegaconf import OmegaConf
+from fairseq.dataclass.configs import FairseqConfig
+from fairseq.distributed import utils
+from fairseq.models import DistributedFairseqModel
+os.environ.update({TORCHRUN_ENV!r})
+cfg = OmegaConf.structured(FairseqConfig()).distributed_training
+cfg.distributed_world_size = 2
+try:
+    utils.infer_init_method(cfg)
+except ZeroDivisionError as e:
+    print("torchrun:", e)
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+try:
+    DistributedFairseqModel(cfg, torch.nn.Linear(3, 2), dist.group.WORLD, torch.device("cpu"))
+except ValueError as e:
+    print("pytorch_ddp:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert "torchrun: integer modulo by zero" in out
+    assert "pytorch_ddp: DistributedDataParallel device_ids and output_device arguments only work" in out

@@ -3,6 +3,8 @@
 The task sets non-loss positions of `sample["target"]` to pad (loss policy, padding); this criterion sums the
 loss over the rest. Besides the overall loss it logs loss, perplexity and accuracy separately for unit tokens
 (`<0>` … `<K-1>`) and for every other token ("text": words, markers such as `<sosp>`, and `</s>`).
+With `loss_chunk_tokens` set, the output layer and the loss run on that many tokens at a time and are recomputed
+in the backward pass, so the (tokens, vocabulary) logits never exist whole (33k x 4 bytes per token in fp32).
 """
 import math
 from dataclasses import dataclass, field
@@ -12,6 +14,8 @@ import torch.nn.functional as F
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 MODALITIES = ("text", "unit")
 
@@ -20,34 +24,65 @@ MODALITIES = ("text", "unit")
 class SpeechGPTCrossEntropyConfig(FairseqDataclass):
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing epsilon (0 = none); perplexity "
                                                                    "and per-modality losses stay unsmoothed"})
+    loss_chunk_tokens: int = field(
+        default=0, metadata={"help": "compute logits and loss this many tokens at a time, recomputed in the backward "
+                                     "pass, so the full (tokens, vocab) logits are never held; 0 = all at once"})
+
+
+def token_losses(logits: Tensor, target: Tensor, ignore_index: int, smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, V) logits -> (summed loss, per-token nll (N,), argmax (N,)); the loss in fp32, smoothed if asked."""
+    logits = logits.float()
+    nll = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    loss = nll.sum() if smoothing == 0 else F.cross_entropy(
+        logits, target, ignore_index=ignore_index, reduction="sum", label_smoothing=smoothing)
+    return loss, nll.detach(), logits.detach().argmax(-1)
+
+
+def chunked_token_losses(features: Tensor, weight: Tensor, target: Tensor, chunk: int, ignore_index: int,
+                         smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
+    """`token_losses(features @ weight.T, ...)` for (N, C) features and the (V, C) output weight, `chunk` tokens
+    at a time: each chunk's logits are dropped after its loss and recomputed in the backward pass."""
+    def one(f: Tensor, w: Tensor, t: Tensor):
+        return token_losses(F.linear(f, w), t, ignore_index, smoothing)
+
+    parts = [checkpoint(one, f, weight, t, use_reentrant=False)
+             for f, t in zip(features.split(chunk), target.split(chunk))]
+    loss, nll, predicted = zip(*parts)
+    return torch.stack(loss).sum(), torch.cat(nll), torch.cat(predicted)
 
 
 @register_criterion("speechgpt_cross_entropy", dataclass=SpeechGPTCrossEntropyConfig)
 class SpeechGPTCrossEntropyCriterion(FairseqCriterion):
     """Summed cross-entropy over loss positions; reported in bits per token, overall and per modality."""
 
-    def __init__(self, task, label_smoothing: float = 0.0):
+    def __init__(self, task, label_smoothing: float = 0.0, loss_chunk_tokens: int = 0):
         super().__init__(task)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"criterion.label_smoothing must be in [0, 1), got {label_smoothing}")
+        if loss_chunk_tokens < 0:
+            raise ValueError(f"criterion.loss_chunk_tokens must be 0 (off) or positive, got {loss_chunk_tokens}")
         self.eps = label_smoothing
+        self.chunk = loss_chunk_tokens
         vocab = task.vocab
         self.unit_range = (vocab.unit_offset, vocab.unit_offset + vocab.num_units)
 
     def forward(self, model, sample, reduce=True):
-        logits, _ = model(**sample["net_input"])
-        logits = logits.reshape(-1, logits.size(-1)).float()
         target = sample["target"].reshape(-1)
-        nll = F.cross_entropy(logits, target, ignore_index=self.padding_idx, reduction="none")
-        loss = nll.sum() if self.eps == 0 else F.cross_entropy(
-            logits, target, ignore_index=self.padding_idx, reduction="sum", label_smoothing=self.eps)
+        if self.chunk:
+            features, _ = model(**sample["net_input"], features_only=True)
+            loss, nll, predicted = chunked_token_losses(features.reshape(-1, features.size(-1)),
+                                                        model.decoder.output_weight, target, self.chunk,
+                                                        self.padding_idx, self.eps)
+        else:
+            logits, _ = model(**sample["net_input"])
+            loss, nll, predicted = token_losses(logits.reshape(-1, logits.size(-1)), target, self.padding_idx,
+                                                self.eps)
         log = {"loss": loss.detach(), "nll_loss": nll.detach().sum(), "ntokens": sample["ntokens"],
                "nsentences": sample["nsentences"], "sample_size": sample["ntokens"]}
         with torch.no_grad():
             mask = target.ne(self.padding_idx)
             is_unit = (target >= self.unit_range[0]) & (target < self.unit_range[1])
-            correct = torch.zeros_like(mask)
-            correct[mask] = logits[mask].argmax(-1).eq(target[mask])
+            correct = mask & predicted.eq(target)
             for name, where in (("text", mask & ~is_unit), ("unit", mask & is_unit)):
                 log[f"{name}_nll"] = nll[where].sum()
                 log[f"{name}_ntokens"] = int(where.sum())

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from speechgpt_fairseq.data.vocabulary import dictionary_digest
+from speechgpt_fairseq.models import kernels
 from speechgpt_fairseq.models.generation import prefilled_length
 from speechgpt_fairseq.models.lora import LoRAError, apply_lora, is_lora_key, load_base_weights, parse_targets
 
@@ -88,6 +89,12 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
+def rms_norm(dim: int, eps: float) -> nn.Module:
+    """apex's fused RMSNorm where apex is installed, else ours (models/kernels.py logs which)."""
+    fused = kernels.apex_rms_norm(dim, eps)
+    return RMSNorm(dim, eps) if fused is None else fused
+
+
 class Rotary(nn.Module):
     """cos/sin tables of the rotary embedding, in fp32, grown on demand."""
 
@@ -146,8 +153,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = _cache_write(cache, layer, k, v, start)  # (B, Hkv, start + T, D)
             causal = T > 1  # a single new token sees the whole cache
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        y = kernels.attention(q, k, v, mask, causal, enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -183,9 +189,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.decoder_embed_dim, cfg.rms_norm_eps)
+        self.input_layernorm = rms_norm(cfg.decoder_embed_dim, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.decoder_embed_dim, cfg.rms_norm_eps)
+        self.post_attention_layernorm = rms_norm(cfg.decoder_embed_dim, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: dict | None = None,
@@ -209,7 +215,7 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
         dim = cfg.decoder_embed_dim
         self.embed_tokens = nn.Embedding(len(dictionary), dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.decoder_layers))
-        self.norm = RMSNorm(dim, cfg.rms_norm_eps)
+        self.norm = rms_norm(dim, cfg.rms_norm_eps)
         self.lm_head = None if cfg.share_decoder_input_output_embed else nn.Linear(dim, len(dictionary), bias=False)
         head_dim = cfg.head_dim or dim // cfg.decoder_attention_heads
         self.rotary = Rotary(head_dim, cfg.rope_theta, cfg.max_target_positions)
@@ -256,9 +262,13 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
                 x = layer(x, cos, sin, mask, cache, i, start)
         return self.norm(x)
 
+    @property
+    def output_weight(self) -> Tensor:
+        """(V, C): the output layer's weight (the input embedding when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def output_layer(self, features: Tensor) -> Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(features, weight)
+        return F.linear(features, self.output_weight)
 
     def max_positions(self) -> int:
         return self.cfg.max_target_positions

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from fairseq import metrics
 
 import speechgpt_fairseq  # noqa: F401
-from speechgpt_fairseq.criterions.cross_entropy import SpeechGPTCrossEntropyCriterion
+from speechgpt_fairseq.criterions.cross_entropy import (SpeechGPTCrossEntropyCriterion, chunked_token_losses,
+                                                          token_losses)
 from speechgpt_fairseq.data.vocabulary import Vocabulary
 
 VOCAB = Vocabulary.units_only(6)  # ids: 0-2 specials, 3-8 units, 9-14 SpeechGPT tokens
@@ -70,3 +71,68 @@ def test_reduced_metrics_are_bits_per_token():
     assert values["unit_loss"] == pytest.approx(float(log["unit_nll"]) / 3 / math.log(2), abs=1e-3)
     assert values["unit_ppl"] == pytest.approx(2 ** values["unit_loss"], rel=1e-2)
     assert values["text_acc"] == pytest.approx(100 * log["text_correct"] / 4, abs=0.01)
+
+
+# ---- chunked output layer and loss (criterion.loss_chunk_tokens) --------------------------------------
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(smoothing):
+    torch.manual_seed(0)
+    features = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(23, 16, requires_grad=True)
+    target = torch.randint(0, 23, (37,))
+    target[::4] = 0  # pad: no loss
+    plain = token_losses(F.linear(features, weight), target, 0, smoothing)
+    plain_grads = torch.autograd.grad(plain[0], (features, weight))
+    chunked = chunked_token_losses(features, weight, target, 5, 0, smoothing)  # 5 does not divide 37
+    chunked_grads = torch.autograd.grad(chunked[0], (features, weight))
+    torch.testing.assert_close(chunked[0], plain[0])
+    torch.testing.assert_close(chunked[1], plain[1])
+    assert torch.equal(chunked[2], plain[2])  # argmax
+    for a, b in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+
+
+def _tiny_model(vocab):
+    from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
+
+    class ModelTask:
+        target_dictionary = vocab.to_dictionary()
+
+    torch.manual_seed(0)
+    cfg = SpeechGPTLlamaConfig(decoder_layers=1, decoder_embed_dim=16, decoder_ffn_embed_dim=32,
+                               decoder_attention_heads=2, init_std=0.3)
+    return SpeechGPTLlamaModel.build_model(cfg, ModelTask)
+
+
+def test_chunked_criterion_equals_the_plain_one_and_never_holds_all_logits(monkeypatch):
+    """Same loss, logging outputs and parameter gradients; no output-layer product covers more than a chunk
+    of tokens, in the forward pass or in the backward's recomputation."""
+    model = _tiny_model(VOCAB)
+    sample, _, target = sample_and_logits()  # 10 positions, 7 of them loss positions
+    results = []
+    for chunk in (0, 3):
+        model.zero_grad()
+        loss, size, log = SpeechGPTCrossEntropyCriterion(Task, loss_chunk_tokens=chunk)(model, sample)
+        loss.backward()
+        results.append((loss, size, log, [p.grad.clone() for p in model.parameters()]))
+    (loss0, size0, log0, grads0), (loss3, size3, log3, grads3) = results
+    torch.testing.assert_close(loss3, loss0)
+    assert size3 == size0 and log3.keys() == log0.keys()
+    for key in log0:
+        torch.testing.assert_close(torch.as_tensor(log3[key]), torch.as_tensor(log0[key]), msg=key)
+    for a, b in zip(grads3, grads0):
+        torch.testing.assert_close(a, b)
+
+    rows, linear = [], F.linear
+    vocab_size = model.decoder.output_weight.size(0)
+
+    def recording_linear(x, w, b=None):
+        if w.size(0) == vocab_size:
+            rows.append(x.numel() // x.size(-1))
+        return linear(x, w, b)
+
+    monkeypatch.setattr(F, "linear", recording_linear)
+    SpeechGPTCrossEntropyCriterion(Task, loss_chunk_tokens=3)(model, sample)[0].backward()
+    assert sorted(rows) == [1, 1, 3, 3, 3, 3, 3, 3]  # 10 tokens: 4 chunks in the forward, 4 recomputed
+    with pytest.raises(ValueError, match="loss_chunk_tokens must be 0"):
+        SpeechGPTCrossEntropyCriterion(Task, loss_chunk_tokens=-1)

@@ -1,0 +1,212 @@
+"""`distributed_training.ddp_backend=fsdp2`: sharded data parallelism with torch's FSDP2 in fairseq's trainer.
+
+fairseq's own `fully_sharded` backend is fairscale's FSDP, unreleased since 2022 and broken on CPU. This backend
+applies torch's `fully_shard` to every decoder block and then to the whole model, over the data-parallel
+process group, so each rank keeps 1/world of every parameter, gradient and optimizer state and gathers one
+block at a time. With `common.bf16=true` the shards stay fp32 and each block computes in bf16
+(`MixedPrecisionPolicy`), gradients reduced in fp32; fairseq's own bf16 cast and its fp32 master-copy
+optimizer are not used. Checkpoints hold the full state, gathered on rank 0 (not one file per shard): the
+model is stored as in any fairseq checkpoint (generation, export-hf and fine-tuning read it under any backend),
+the optimizer state keyed by parameter name, so a run resumes with its optimizer under this backend, at any
+number of processes.
+
+Importing the package calls `install()`, which adds the choice to fairseq's config and patches the few
+Trainer methods that must differ; every other backend runs through fairseq unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "fsdp2"
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, in CPU memory, on rank 0 only
+
+
+class FSDP2Error(ValueError):
+    """A configuration the fsdp2 backend cannot run."""
+
+
+def uses_fsdp2(cfg) -> bool:
+    return str(cfg.distributed_training.ddp_backend) == BACKEND
+
+
+def shard(model: nn.Module, group, device: torch.device, bf16: bool) -> "ShardedModel":
+    """`fully_shard` each decoder block, then the root (embeddings, final norm, output layer), over `group`."""
+    blocks = getattr(getattr(model, "decoder", None), "layers", None)
+    if blocks is None:
+        raise FSDP2Error(f"ddp_backend={BACKEND} shards a model's `decoder.layers`; {type(model).__name__} has none")
+    mesh = DeviceMesh.from_group(group, device.type)
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
+    # fully_shard moves what it shards to the mesh's device, block by block: the whole model is never on one GPU
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    log_shares(model, group)
+    return ShardedModel(model)
+
+
+def local_parameters(model: nn.Module) -> int:
+    """Parameters this rank holds: its shards of the sharded ones, all of any others."""
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+
+
+def log_shares(model: nn.Module, group) -> list[int]:
+    """Log (on rank 0) how many parameters each rank holds; returns those counts."""
+    counts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(counts, local_parameters(model), group=group)
+    total = sum(p.numel() for p in model.parameters())  # a DTensor's numel is that of the whole tensor
+    logger.info(f"{BACKEND}: parameters held per rank: {', '.join(f'{n:,}' for n in counts)} of {total:,} "
+                f"({', '.join(f'{n / total:.1%}' for n in counts)})")
+    return counts
+
+
+class ShardedModel(nn.Module):
+    """The sharded model as fairseq's trainer sees it: calls and attributes go to the model, while `state_dict`
+    gathers the full state on rank 0 and `load_state_dict` takes a full state and keeps this rank's shards.
+    Both are collective: every rank calls them."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":  # not set yet (copying, unpickling): no recursion
+                raise
+            return getattr(self.module, name)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        return get_model_state_dict(self.module, options=FULL)
+
+    def load_state_dict(self, state_dict, strict: bool = True, model_cfg=None, args=None):
+        """Every rank holds the full state (fairseq broadcasts it from rank 0) and keeps its own shards."""
+        self.module.upgrade_state_dict(state_dict)  # the model's checks (vocabulary, shapes) on the full tensors
+        own = self.module.state_dict()
+        shards = {k: _shard_like(v, own[k]) if isinstance(own.get(k), DTensor) else v for k, v in state_dict.items()}
+        return self.module.load_state_dict(shards, strict=strict, model_cfg=model_cfg, args=args)
+
+
+def _shard_like(full: torch.Tensor, like: DTensor) -> DTensor:
+    """This rank's shard of `full`, laid out as `like` (no communication: every rank has `full`)."""
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def checkpoint_full_optimizer_state(optimizer, model: ShardedModel) -> None:
+    """Make a fairseq optimizer save its full state (gathered on rank 0) and load a full state into its shards."""
+    inner = optimizer.optimizer
+
+    def state_dict() -> dict:
+        return get_optimizer_state_dict(model.module, inner, options=FULL)
+
+    def load_state_dict(state_dict: dict, optimizer_overrides: dict | None = None) -> None:
+        set_optimizer_state_dict(model.module, inner, state_dict, options=StateDictOptions(full_state_dict=True))
+        for group in optimizer.param_groups:
+            group.update(optimizer_overrides or {})
+
+    optimizer.state_dict, optimizer.load_state_dict = state_dict, load_state_dict
+
+
+# ---- fairseq integration --------------------------------------------------------------------------
+def _add_backend_choice() -> None:
+    """Add `fsdp2` to the values fairseq's config (hydra and argparse) accepts for `ddp_backend`."""
+    from fairseq.dataclass.constants import DDP_BACKEND_CHOICES as choices
+
+    if BACKEND in choices._member_map_:
+        return
+    member = object.__new__(choices)
+    member._name_ = member._value_ = BACKEND
+    choices._member_map_[BACKEND] = member
+    choices._value2member_map_[BACKEND] = member
+    choices._member_names_.append(BACKEND)
+
+
+def _patch_trainer() -> None:
+    from fairseq import optim
+    from fairseq.optim import lr_scheduler
+    from fairseq.trainer import Trainer
+
+    if getattr(Trainer, "fsdp2", False):
+        return
+    init, model, build_optimizer, clip_grad_norm = (Trainer.__init__, Trainer.model, Trainer._build_optimizer,
+                                                    Trainer.clip_grad_norm)
+    always_call_state_dict = Trainer.always_call_state_dict_during_save_checkpoint
+
+    def __init__(self, cfg, task, model, criterion, quantizer=None):
+        if not uses_fsdp2(cfg):
+            return init(self, cfg, task, model, criterion, quantizer)
+        if cfg.distributed_training.distributed_world_size < 2:
+            raise FSDP2Error(f"ddp_backend={BACKEND} shards across processes: launch two or more (torchrun "
+                             f"--nproc_per_node N ..., or distributed_training.distributed_world_size=N on N GPUs)")
+        if cfg.common.fp16 or cfg.common.memory_efficient_fp16 or cfg.common.memory_efficient_bf16:
+            raise FSDP2Error(f"ddp_backend={BACKEND} computes in bf16 with common.bf16=true; fp16 and the "
+                             f"memory_efficient_* options are not supported")
+        with _bf16_hidden_from_fairseq(cfg):  # fairseq would cast the model to bf16; FSDP2 casts per block
+            init(self, cfg, task, model, criterion, quantizer)
+
+    def sharded_model(self):
+        if uses_fsdp2(self.cfg) and self._wrapped_model is None:
+            self._wrapped_model = shard(self._model, self.data_parallel_process_group, self.device,
+                                        bf16=self.cfg.common.bf16)
+        return model.fget(self)
+
+    def _build_optimizer(self):
+        if not uses_fsdp2(self.cfg):
+            return build_optimizer(self)
+        # the optimizer updates the fp32 shards directly: no fairseq fp16/bf16 optimizer wrapper around it
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self._optimizer = optim.build_optimizer(self.cfg.optimizer, params)
+        checkpoint_full_optimizer_state(self._optimizer, self.model)
+        self._lr_scheduler = lr_scheduler.build_lr_scheduler(self.cfg.lr_scheduler, self._optimizer)
+        self._lr_scheduler.step_update(0)
+
+    def _clip_grad_norm(self, clip_norm):
+        if not uses_fsdp2(self.cfg):
+            return clip_grad_norm(self, clip_norm)
+        # torch's clipping reduces the norm over the shards of every rank (fairseq's does not know DTensors)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    def _always_call_state_dict(self) -> bool:
+        # gathering the full state is collective: the ranks that do not write must take part
+        return uses_fsdp2(self.cfg) or always_call_state_dict.fget(self)
+
+    Trainer.__init__ = __init__
+    Trainer.model = property(sharded_model)
+    Trainer._build_optimizer = _build_optimizer
+    Trainer.clip_grad_norm = _clip_grad_norm
+    Trainer.always_call_state_dict_during_save_checkpoint = property(_always_call_state_dict)
+    Trainer.fsdp2 = True
+
+
+@contextlib.contextmanager
+def _bf16_hidden_from_fairseq(cfg):
+    bf16 = cfg.common.bf16
+    cfg.common.bf16 = False
+    try:
+        yield
+    finally:
+        cfg.common.bf16 = bf16
+
+
+def install() -> None:
+    """Make `ddp_backend=fsdp2` selectable and runnable in fairseq; called once when the package is imported."""
+    _add_backend_choice()
+    _patch_trainer()

@@ -1,0 +1,134 @@
+"""Fused-kernel choice: NVIDIA apex's FusedRMSNorm and FusedAdam when apex is importable, torch's otherwise.
+
+apex is not on PyPI (the PyPI package named `apex` is unrelated); whoever has built it gets its kernels with no
+config change. Without it the model normalizes with `F.rms_norm`, the `speechgpt_adamw` optimizer runs torch's
+`AdamW(fused=True)` (its multi-tensor path where torch has no fused kernel for the parameters), and attention is
+`scaled_dot_product_attention`, which runs flash attention on CUDA when the inputs allow it. Each choice is
+logged once, with the reason when the faster one could not be used.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from fairseq.dataclass import FairseqDataclass
+from fairseq.optim import FairseqOptimizer, register_optimizer
+from omegaconf import II
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+logger = logging.getLogger(__name__)
+_logged: set[str] = set()
+_attention_kinds_seen: set[tuple] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
+
+
+def _apex(module: str, name: str):
+    """`apex.<module>.<name>`, or None where apex is not installed."""
+    try:
+        return getattr(importlib.import_module(f"apex.{module}"), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------------
+def apex_rms_norm(dim: int, eps: float) -> nn.Module | None:
+    """apex's FusedRMSNorm over the last `dim` features (its parameter is `weight`, as ours), or None without apex."""
+    fused = _apex("normalization", "FusedRMSNorm")
+    if fused is not None:
+        try:
+            module = fused(dim, eps=eps)
+        except ImportError as e:  # apex built without its CUDA extensions
+            _log_once(f"kernels: RMSNorm on torch F.rms_norm (apex FusedRMSNorm unusable: {e})")
+            return None
+        _log_once("kernels: RMSNorm on apex FusedRMSNorm")
+        return module
+    _log_once("kernels: RMSNorm on torch F.rms_norm (apex not installed)")
+    return None
+
+
+# ---- attention ----------------------------------------------------------------------------------
+def sdpa_backend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, enable_gqa: bool) -> str:
+    """The kernel `scaled_dot_product_attention` picks for these inputs: flash, memory-efficient, cudnn or math."""
+    if q.device.type != "cuda":
+        return f"{q.device.type} (torch's kernel for this device)"
+    from torch.backends import cuda
+
+    params = cuda.SDPAParams(q, k, v, mask, 0.0, is_causal, enable_gqa)
+    candidates = {1: ("flash", cuda.flash_sdp_enabled, cuda.can_use_flash_attention),
+                  2: ("memory-efficient", cuda.mem_efficient_sdp_enabled, cuda.can_use_efficient_attention),
+                  0: ("math", cuda.math_sdp_enabled, lambda p: True),
+                  3: ("cudnn", cuda.cudnn_sdp_enabled, cuda.can_use_cudnn_attention)}
+    order = getattr(torch._C, "_get_sdp_priority_order", lambda: [1, 2, 0, 3])()  # torch's own preference
+    for backend in order:
+        if backend in candidates and candidates[backend][1]() and candidates[backend][2](params):
+            return candidates[backend][0]
+    return "none (no SDPA kernel accepts these inputs)"
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, enable_gqa: bool) -> Tensor:
+    """Scaled dot-product attention over (B, H, T, D); logs, once per kind of input, which kernel runs it."""
+    kind = (q.device.type, q.dtype, mask is None, is_causal)
+    if kind not in _attention_kinds_seen:
+        _attention_kinds_seen.add(kind)
+        where = "packed rows (mask)" if mask is not None else "causal" if is_causal else "cached step"
+        _log_once(f"kernels: attention ({q.dtype}, {where}) on {sdpa_backend(q, k, v, mask, is_causal, enable_gqa)}")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa)
+
+
+# ---- AdamW --------------------------------------------------------------------------------------
+def adamw(params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) on the fastest kernel here: apex FusedAdam, torch fused, torch foreach."""
+    params = list(params)
+    fused = _apex("optimizers", "FusedAdam")
+    sharded = any(isinstance(p, DTensor) for p in params)
+    if fused is not None and not sharded:
+        _log_once("kernels: AdamW on apex FusedAdam")
+        return fused(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=True)
+    why = "apex FusedAdam takes no sharded (FSDP2) parameters" if fused is not None else "apex not installed"
+    try:
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+    except RuntimeError as e:  # no fused kernel for these parameters' device or dtype
+        _log_once(f"kernels: AdamW on torch's multi-tensor path ({why}; torch has no fused AdamW here: {e})")
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+    _log_once(f"kernels: AdamW on torch fused ({why})")
+    return optimizer
+
+
+@dataclass
+class SpeechGPTAdamWConfig(FairseqDataclass):
+    adam_betas: Any = field(default=(0.9, 0.999), metadata={"help": "Adam's betas, e.g. [0.9, 0.999]"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam's epsilon"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled (AdamW) weight decay"})
+    lr: list[float] = II("optimization.lr")
+
+
+@register_optimizer("speechgpt_adamw", dataclass=SpeechGPTAdamWConfig)
+class SpeechGPTAdamW(FairseqOptimizer):
+    """torch's AdamW (the update of Hugging Face's Trainer, which SpeechGPT trained with) on fused kernels."""
+
+    def __init__(self, cfg, params):
+        super().__init__(cfg)
+        self._optimizer = adamw(params, **self.optimizer_config)
+
+    @property
+    def optimizer_config(self) -> dict:
+        betas = self.cfg.adam_betas
+        if isinstance(betas, str):  # the argparse CLI passes "(0.9, 0.999)"
+            betas = ast.literal_eval(betas)
+        return {"lr": self.cfg.lr[0], "betas": tuple(betas), "eps": self.cfg.adam_eps,
+                "weight_decay": self.cfg.weight_decay}
+
+    @property
+    def supports_flat_params(self) -> bool:
+        return True

@@ -1,0 +1,155 @@
+"""Fused-kernel choice: apex's FusedRMSNorm and FusedAdam when apex imports, torch's kernels otherwise; the log
+names the choice, and every path computes what the plain one does.
+
+apex cannot be installed here (it is not on PyPI; the PyPI `apex` is another project), so the apex path is
+driven by a stand-in `apex` package put into sys.modules: it proves the selection and the log, not apex."""
+import logging
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq import optim
+from omegaconf import OmegaConf
+from torch import nn
+
+from speechgpt_fairseq.data.vocabulary import Vocabulary
+from speechgpt_fairseq.models import kernels
+from speechgpt_fairseq.models.llama import RMSNorm, SpeechGPTLlamaConfig, SpeechGPTLlamaModel
+
+
+class _Task:
+    target_dictionary = Vocabulary.units_only(40).to_dictionary()
+
+
+def build():
+    torch.manual_seed(0)
+    cfg = SpeechGPTLlamaConfig(decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
+                               decoder_attention_heads=4, decoder_kv_heads=2, init_std=0.3)
+    return SpeechGPTLlamaModel.build_model(cfg, _Task)
+
+
+class FakeFusedRMSNorm(nn.Module):
+    """apex.normalization.FusedRMSNorm's interface: (normalized_shape, eps), a `weight` parameter."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(normalized_shape))
+
+    def forward(self, x):
+        return self.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class FakeFusedAdam(torch.optim.AdamW):
+    """apex.optimizers.FusedAdam's interface; `adam_w_mode=True` is its AdamW."""
+
+    def __init__(self, params, adam_w_mode=False, **kwargs):
+        assert adam_w_mode, "SpeechGPT's AdamW needs apex's decoupled weight decay"
+        super().__init__(params, **kwargs)
+
+
+@pytest.fixture
+def log(monkeypatch, caplog):
+    """Kernel-choice log lines of this test only (each choice is logged once per process)."""
+    monkeypatch.setattr(kernels, "_logged", set())
+    monkeypatch.setattr(kernels, "_attention_kinds_seen", set())
+    caplog.set_level(logging.INFO, logger=kernels.__name__)
+    return lambda: [r.getMessage() for r in caplog.records if r.name == kernels.__name__]
+
+
+@pytest.fixture
+def without_apex(monkeypatch):
+    for name in ("apex", "apex.normalization", "apex.optimizers"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import apex...` raises ImportError
+
+
+@pytest.fixture
+def with_apex(monkeypatch):
+    apex, norm, opt = (types.ModuleType(n) for n in ("apex", "apex.normalization", "apex.optimizers"))
+    norm.FusedRMSNorm, opt.FusedAdam = FakeFusedRMSNorm, FakeFusedAdam
+    apex.normalization, apex.optimizers = norm, opt
+    for module in (apex, norm, opt):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def norms(model):
+    return [m for name, m in model.named_modules() if name.endswith("norm")]
+
+
+def test_without_apex_torch_kernels_run_and_say_so(without_apex, log):
+    model = build()
+    assert len(norms(model)) == 5 and all(type(m) is RMSNorm for m in norms(model))
+    optimizer = kernels.adamw(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["fused"]  # torch fuses on CPU too
+    model(torch.randint(3, 49, (2, 7)))
+    assert log() == ["kernels: RMSNorm on torch F.rms_norm (apex not installed)",
+                     "kernels: AdamW on torch fused (apex not installed)",
+                     "kernels: attention (torch.float32, causal) on cpu (torch's kernel for this device)"]
+
+
+def test_with_apex_its_kernels_run_say_so_and_compute_the_same(with_apex, log):
+    model = build()
+    assert len(norms(model)) == 5 and all(type(m) is FakeFusedRMSNorm for m in norms(model))
+    optimizer = kernels.adamw(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    assert type(optimizer) is FakeFusedAdam
+    assert log() == ["kernels: RMSNorm on apex FusedRMSNorm", "kernels: AdamW on apex FusedAdam"]
+
+    sys.modules["apex.normalization"] = None  # the same weights without apex: the same logits
+    plain = build()
+    assert plain.state_dict().keys() == model.state_dict().keys()  # apex's norm keeps the `weight` name
+    tokens = torch.randint(3, 49, (2, 7))
+    torch.testing.assert_close(model(tokens)[0], plain(tokens)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_apex_without_its_cuda_extension_falls_back(with_apex, log, monkeypatch):
+    def unbuilt(*args, **kwargs):
+        raise ImportError("No module named 'fused_layer_norm_cuda'")
+
+    monkeypatch.setattr(sys.modules["apex.normalization"], "FusedRMSNorm", unbuilt)
+    assert all(type(m) is RMSNorm for m in norms(build()))
+    assert log()[0] == "kernels: RMSNorm on torch F.rms_norm (apex FusedRMSNorm unusable: " \
+                       "No module named 'fused_layer_norm_cuda')"
+
+
+def _adamw_run(optimizer_factory, steps=3):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
+    optimizer = optimizer_factory(params)
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.sin(p.detach() * (step + 1))
+        optimizer.step()
+    return params
+
+
+def test_fused_adamw_makes_the_plain_adamw_updates(without_apex):
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    fused = _adamw_run(lambda p: kernels.adamw(p, **hyper))
+    plain = _adamw_run(lambda p: torch.optim.AdamW(p, foreach=False, fused=False, **hyper))
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b)
+    torch.manual_seed(0)
+    assert (fused[0] - torch.randn(5, 3)).abs().min() > 1e-3  # every weight moved
+
+
+def test_speechgpt_adamw_is_a_fairseq_optimizer(without_apex):
+    params = [nn.Parameter(torch.randn(3))]
+    for betas in ([0.9, 0.95], "(0.9, 0.95)"):  # hydra yaml list; argparse string
+        cfg = OmegaConf.create({"_name": "speechgpt_adamw", "adam_betas": betas, "adam_eps": 1e-6,
+                                "weight_decay": 0.1, "lr": [3e-4]})
+        optimizer = optim.build_optimizer(cfg, params)
+        group = optimizer.optimizer.param_groups[0]
+        assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (3e-4, (0.9, 0.95), 1e-6, 0.1)
+        assert optimizer.supports_flat_params  # fairseq's bf16/fp16 optimizers wrap it
+
+
+def test_attention_matches_the_reference_formula(log):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    out = kernels.attention(q, k, v, None, is_causal=True, enable_gqa=True)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ kk.transpose(-1, -2)) / 8 ** 0.5 + torch.full((6, 6), float("-inf")).triu(1)
+    torch.testing.assert_close(out, F.softmax(scores, -1) @ vv)
+    assert log() == ["kernels: attention (torch.float32, causal) on cpu (torch's kernel for this device)"]

@@ -1,0 +1,183 @@
+"""Multi-process training through fairseq's own launch options, two CPU processes on gloo under torchrun:
+data parallel (fairseq's default pytorch_ddp) equals one process with update_freq 2; ddp_backend=fsdp2
+(speechgpt_fairseq/fsdp.py) equals that unsharded run, holds half of the parameters per rank, and, stopped after
+3 updates and started again, resumes from its checkpoint to the same losses and weights."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from speechgpt_fairseq import fsdp
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE1 = REPO / "examples" / "stage1"
+# a few updates of the tiny config; AdamW from kernels.py, a warmup short enough for the losses to move
+RUN = ["task.tokens_per_sample=64", "dataset.batch_size=4", "common.log_interval=1", "dataset.validate_interval_updates=3",
+       "optimization.max_update=6", "lr_scheduler.total_num_update=6", "lr_scheduler.warmup_updates=2",
+       "optimizer._name=speechgpt_adamw",
+       "checkpoint.save_interval_updates=3", "checkpoint.keep_interval_updates=-1"]
+# validation on the first 4 batches: fairseq validates max_valid_steps + 1 batches per process, and two processes
+# take alternate batches
+ONE_PROCESS = ["dataset.max_valid_steps=3"]
+TWO_PROCESSES = ["distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
+                 "dataset.max_valid_steps=1"]
+
+
+def train(cli, cwd: Path, *overrides: str, processes: int = 1) -> str:
+    """fairseq-hydra-train, as one process or under torchrun; the log."""
+    trainer = str(Path(sys.executable).parent / "fairseq-hydra-train")
+    launch = [] if processes == 1 else ["torchrun", "--standalone", f"--nproc_per_node={processes}"]
+    cmd = [*launch, trainer, "--config-dir", STAGE1, "--config-name", "tiny", *RUN, *overrides]
+    run = cli(*cmd, cwd=cwd)
+    return run.stdout + run.stderr
+
+
+def losses(log: str) -> dict[int, float]:
+    """{update: training loss} from fairseq's per-update log lines."""
+    found = re.findall(r"train_inner.* loss=([0-9.]+),.* num_updates=(\d+),", log)
+    return {int(n): float(loss) for loss, n in found}
+
+
+def valid_losses(log: str) -> dict[int, float]:
+    """{update: validation loss}."""
+    found = re.findall(r"valid on 'valid' subset \| loss ([0-9.]+) \|.* num_updates (\d+)", log)
+    return {int(n): float(loss) for loss, n in found}
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(cli, tmp_path_factory) -> tuple[str, Path]:
+    """One process, two batches per update: the run the multi-process ones must reproduce."""
+    cwd = tmp_path_factory.mktemp("one_process")
+    log = train(cli, cwd, *ONE_PROCESS, "optimization.update_freq=[2]")
+    return log, cwd / "checkpoints" / "stage1-tiny"
+
+
+SHARDED = [*TWO_PROCESSES, "distributed_training.ddp_backend=fsdp2", "criterion.loss_chunk_tokens=48"]
+
+
+@pytest.fixture(scope="module")
+def sharded(cli, tmp_path_factory) -> tuple[str, Path]:
+    """Two processes on fsdp2, with the chunked output-layer loss, stopped after 3 of the 6 updates."""
+    cwd = tmp_path_factory.mktemp("fsdp2")
+    log = train(cli, cwd, *SHARDED, "optimization.max_update=3", processes=2)
+    return log, cwd
+
+
+def test_two_data_parallel_processes_equal_one_with_update_freq_2(cli, tmp_path, reference):
+    ref_log, ref_dir = reference
+    log = train(cli, tmp_path, *TWO_PROCESSES, processes=2)  # ddp_backend: fairseq's default, pytorch_ddp
+    assert "ddp_backend': 'pytorch_ddp'" in log and "'distributed_world_size': 2" in log
+    ref_losses = losses(ref_log)
+    assert sorted(ref_losses) == list(range(1, 7)) and ref_losses[6] < ref_losses[1] - 1  # it learns
+    assert sorted(valid_losses(ref_log)) == [3, 6]
+    assert losses(log) == pytest.approx(ref_losses, abs=1.5e-3)  # as logged: 3 decimals
+    assert valid_losses(log) == pytest.approx(valid_losses(ref_log), abs=1.5e-3)
+    assert_same_weights(tmp_path / "checkpoints" / "stage1-tiny" / "checkpoint_last.pt", ref_dir / "checkpoint_last.pt")
+
+
+def test_fsdp2_matches_the_unsharded_run_and_holds_half_per_rank(reference, sharded):
+    ref_log, ref_dir = reference
+    log, cwd = sharded
+    assert losses(log) == pytest.approx({n: losses(ref_log)[n] for n in (1, 2, 3)}, abs=1.5e-3)
+    assert valid_losses(log) == pytest.approx({3: valid_losses(ref_log)[3]}, abs=1.5e-3)
+    shares = re.search(r"fsdp2: parameters held per rank: ([\d,]+), ([\d,]+) of ([\d,]+)", log)
+    held = [int(n.replace(",", "")) for n in shares.groups()]
+    assert sum(held[:2]) == held[2] == sum(t.numel() for k, t in weights(ref_dir / "checkpoint_last.pt").items()
+                                           if k != "decoder.vocab_digest")
+    assert all(abs(n / held[2] - 0.5) < 0.01 for n in held[:2])
+    # the checkpoint holds the full state, gathered: the unsharded run's weights, every name at its full shape
+    assert_same_weights(cwd / "checkpoints" / "stage1-tiny" / "checkpoint_last.pt", ref_dir / "checkpoint_1_3.pt")
+
+
+def test_fsdp2_resumes_under_sharding(cli, reference, sharded):
+    ref_log, ref_dir = reference
+    _, cwd = sharded
+    resumed = train(cli, cwd, *SHARDED, processes=2)  # the same command, to the full 6 updates
+    assert "(epoch 1 @ 3 updates)" in resumed  # fairseq's "Loaded checkpoint ..." line
+    assert losses(resumed) == pytest.approx({n: losses(ref_log)[n] for n in (4, 5, 6)}, abs=1.5e-3)
+    assert valid_losses(resumed) == pytest.approx({6: valid_losses(ref_log)[6]}, abs=1.5e-3)
+    assert_same_weights(cwd / "checkpoints" / "stage1-tiny" / "checkpoint_last.pt", ref_dir / "checkpoint_last.pt")
+
+
+def test_fsdp2_needs_two_processes_and_bf16_not_fp16():
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.trainer import Trainer
+
+    cfg = OmegaConf.structured(FairseqConfig())
+    cfg.distributed_training.ddp_backend = "fsdp2"  # accepted by fairseq's typed config
+    with pytest.raises(fsdp.FSDP2Error, match="shards across processes: launch two or more"):
+        Trainer(cfg, None, None, None)
+    cfg.distributed_training.distributed_world_size, cfg.common.fp16 = 2, True
+    with pytest.raises(fsdp.FSDP2Error, match="common.bf16=true; fp16 and the memory_efficient"):
+        Trainer(cfg, None, None, None)
+
+
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def tiny_model():
+    from speechgpt_fairseq.data.vocabulary import Vocabulary
+    from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
+
+    class Task:
+        target_dictionary = Vocabulary.units_only(40).to_dictionary()
+
+    torch.manual_seed(0)
+    cfg = SpeechGPTLlamaConfig(decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
+                               decoder_attention_heads=4, decoder_kv_heads=2, init_std=0.3)
+    return SpeechGPTLlamaModel.build_model(cfg, Task)
+
+
+def test_fsdp2_accumulates_gradients_over_micro_batches(one_process_group):
+    """update_freq > 1: the sharded gradients of two backward passes are the sum of the plain model's."""
+    import copy
+
+    plain = tiny_model()
+    sharded = fsdp.shard(copy.deepcopy(plain), one_process_group, torch.device("cpu"), bf16=False)
+    for tokens in torch.randint(3, 49, (2, 3, 9)):
+        for model in (plain, sharded):
+            model(tokens)[0].square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), sharded.parameters()):
+        torch.testing.assert_close(b.grad.full_tensor(), a.grad, msg=name)
+
+
+def test_fsdp2_bf16_computes_in_bf16_on_fp32_shards_and_saves_fp32(one_process_group):
+    import copy
+
+    from torch.distributed.tensor import DTensor
+
+    plain = tiny_model()
+    sharded = fsdp.shard(copy.deepcopy(plain), one_process_group, torch.device("cpu"), bf16=True)
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in sharded.parameters())
+    tokens = torch.randint(3, 49, (2, 9))
+    logits, _ = sharded(tokens)
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float().softmax(-1) - plain(tokens)[0].softmax(-1)).abs().max() < 0.05
+    state = sharded.state_dict()
+    assert state.keys() == plain.state_dict().keys()
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(state[name], tensor), name  # the fp32 master weights, gathered
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    sharded.load_state_dict(changed)
+    for name, tensor in sharded.state_dict().items():
+        assert torch.equal(tensor, changed[name]), name
