@@ -28,6 +28,7 @@ setup(
         "soxr",
         "kaldi-native-fbank",
         "editdistance",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest>=7", "peft>=0.10"]},
     entry_points={"console_scripts": ["speechgpt = speechgpt_fairseq.cli.main:main"]},

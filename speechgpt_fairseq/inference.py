@@ -48,6 +48,8 @@ class SpeechGPTModel:
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> "SpeechGPTModel":
         """Load a fairseq checkpoint written by training, `speechgpt convert-hf` or `import-peft`."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint")
         state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
         cfg = state["cfg"]
         vocab_dict = (state.get("task_state") or {}).get("vocabulary")

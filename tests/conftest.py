@@ -108,10 +108,12 @@ def converted(hf_llama, tmp_path_factory) -> Path:
     return convert_hf(hf_llama, tmp_path_factory.mktemp("converted") / "fs", num_units=20)
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a console command (speechgpt, fairseq-*) as a user would, capturing its output."""
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """Run a console command (speechgpt, fairseq-*) as a user would, capturing its output; `input` is its stdin."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          input=input, stdin=None if input is not None else subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -176,3 +178,150 @@ def tiny_vocoder(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def make_tiny_vocoder():
     return write_tiny_vocoder
+
+
+def write_hubert(path: Path, layers: int = 2, dim: int = 32, ffn: int = 64, heads: int = 2, channels: int = 32,
+                 extractor_mode: str = "default", normalize: bool = False, seed: int = 0, num_labels: int = 20,
+                 **model_options) -> Path:
+    """A random fairseq HubertModel saved as fairseq's trainer saves a hubert_pretraining checkpoint (mHuBERT's
+    and HuBERT-base's format): the cfg with its model and task sections, the weights, and the task's label
+    dictionary in task_state; `fairseq.checkpoint_utils.load_model_ensemble_and_task` loads it as it loads those.
+
+    The conv feature extractor has HuBERT's seven layers (400-sample receptive field, 320-sample hop) with
+    `channels` channels. extractor_mode "default" is HuBERT-base's (GroupNorm over time in the first conv layer),
+    "layer_norm" HuBERT-large's (and then pre-norm transformer layers, as large has). `model_options` are other
+    HubertConfig fields (HuBERT-base: conv_pos=128, conv_pos_groups=16, final_dim=256)."""
+    from fairseq.data import Dictionary
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.models.hubert import HubertConfig, HubertModel
+    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+    from omegaconf import OmegaConf, open_dict
+
+    large = extractor_mode == "layer_norm"
+    task_cfg = HubertPretrainingConfig(data=str(path.parent / "labels"), labels=["km"], label_rate=50.0,
+                                       normalize=normalize)
+    model_cfg = HubertConfig(**{
+        "label_rate": 50.0, "extractor_mode": extractor_mode, "encoder_layers": layers, "encoder_embed_dim": dim,
+        "encoder_ffn_embed_dim": ffn, "encoder_attention_heads": heads, "conv_pos": 16, "conv_pos_groups": 4,
+        "final_dim": 16, "conv_feature_layers": f"[({channels},10,5)] + [({channels},3,2)] * 4 + [({channels},2,2)] * 2",
+        "layer_norm_first": large, "conv_bias": large, **model_options})
+    labels = Dictionary()
+    for i in range(num_labels):
+        labels.add_symbol(str(i))
+    torch.manual_seed(seed)
+    model = HubertModel(model_cfg, task_cfg, [labels])
+    cfg = OmegaConf.structured(FairseqConfig)
+    with open_dict(cfg):
+        cfg.task = OmegaConf.structured(task_cfg)
+        cfg.task._name = "hubert_pretraining"
+        cfg.model = OmegaConf.structured(model_cfg)
+        cfg.model._name = "hubert"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"args": None, "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                "model": model.state_dict(), "task_state": {"dictionaries": [labels]},
+                "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "FairseqAdam",
+                                       "lr_scheduler_state": {"best": None}, "num_updates": 0}],
+                "extra_state": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hubert(tmp_path_factory) -> Path:
+    """A tiny random HuBERT-base-style checkpoint: 2 layers of width 32, "default" extractor, task normalize off."""
+    return write_hubert(tmp_path_factory.mktemp("hubert") / "tiny_hubert.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_hubert_large_style(tmp_path_factory) -> Path:
+    """A tiny random HuBERT-large-style checkpoint: "layer_norm" extractor, pre-norm layers, task normalize on."""
+    return write_hubert(tmp_path_factory.mktemp("hubert_ln") / "tiny_hubert_ln.pt", extractor_mode="layer_norm",
+                        normalize=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def make_hubert():
+    return write_hubert
+
+
+def simple_kmeans(module: str):
+    """A module of fairseq's examples/hubert/simple_kmeans recipe, the anchor of our unit extraction. Its scripts
+    import their sibling feature_utils, which imports npy_append_array, a recipe dependency we do not install:
+    a stand-in is put in its place when it is missing (its writer, used by dump_feature, is never called here)."""
+    import importlib
+    import importlib.util
+    import types
+
+    import fairseq
+
+    directory = str(Path(fairseq.__file__).parent / "examples" / "hubert" / "simple_kmeans")
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    if "npy_append_array" not in sys.modules and importlib.util.find_spec("npy_append_array") is None:
+        sys.modules["npy_append_array"] = types.ModuleType("npy_append_array")
+        sys.modules["npy_append_array"].NpyAppendArray = None
+    return importlib.import_module(module)
+
+
+def read_16k_mono(path, need_waveform=True, use_sample_rate=None, waveform_transforms=None):
+    """fairseq's get_features_or_waveform for a 16 kHz mono file: soundfile's float32 samples, no conversion (its
+    conversion path needs torchaudio, which is not installed here)."""
+    import soundfile as sf
+
+    wav, sr = sf.read(path, dtype="float32")
+    if wav.ndim != 1 or sr != use_sample_rate:
+        raise ValueError(f"{path}: the torchaudio-free stand-in reads {use_sample_rate} Hz mono files only")
+    return wav
+
+
+def fairseq_recipe_on_cpu(setattr_) -> None:
+    """Let fairseq's simple_kmeans readers run here: they call .cuda() (identity without CUDA) and read audio
+    through torchaudio (16 kHz mono files are read with soundfile, as fairseq would read them, without it).
+    `setattr_` is monkeypatch.setattr in tests, the builtin setattr in the benchmark."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        setattr_(torch.nn.Module, "cuda", lambda self, device=None: self)
+        setattr_(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+    if importlib.util.find_spec("torchaudio") is None:
+        setattr_(simple_kmeans("dump_hubert_feature"), "get_features_or_waveform", read_16k_mono)
+
+
+def espeak(path: Path, text: str, voice: str = "en-us", speed: int = 175) -> Path:
+    """Speak `text` with espeak-ng into a 22050 Hz mono wav."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["espeak-ng", "-w", str(path), "-v", voice, "-s", str(speed), text], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_dir(tmp_path_factory) -> Path:
+    """Real speech (espeak-ng) as a user's folder holds it: 22050 Hz mono, a stereo file, a 44.1 kHz FLAC and a
+    16 kHz file in a subdirectory, of different lengths."""
+    import shutil
+
+    import numpy as np
+    import soundfile as sf
+
+    from speechgpt_fairseq.speech.audio import to_mono
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not on PATH (Debian package espeak-ng)")
+    root = tmp_path_factory.mktemp("speech")
+    espeak(root / "a_hello.wav", "hello, how are you today?")
+    wav, sr = sf.read(espeak(root / "tmp.wav", "the red cup is on the small table by the window", "en+f3"))
+    sf.write(root / "b_stereo.wav", np.stack([wav, 0.5 * wav], axis=1), sr, subtype="PCM_16")
+    wav, sr = sf.read(espeak(root / "tmp.wav", "seven plus two is nine", "en+m3", 150))
+    sf.write(root / "c_44k.flac", to_mono(wav, sr, 44100), 44100)
+    wav, sr = sf.read(espeak(root / "tmp.wav", "please read the long sentence about speech units and sound "
+                                               "waves slowly and clearly, then stop", "en"))
+    (root / "sub").mkdir()
+    sf.write(root / "sub" / "d_16k.wav", to_mono(wav, sr, 16000), 16000, subtype="PCM_16")
+    (root / "tmp.wav").unlink()
+    return root
+
+
+@pytest.fixture
+def fairseq_recipe(monkeypatch):
+    """`fairseq_recipe("dump_km_label")`: a module of fairseq's simple_kmeans recipe, runnable here for this test."""
+    fairseq_recipe_on_cpu(monkeypatch.setattr)
+    return simple_kmeans

@@ -30,6 +30,8 @@ def test_paper_scale_configs(cli, config, preset):
         if key != "checkpoint_activations":  # the one field the paper configs change
             assert cfg["model"][key] == value, key
     assert cfg["common"]["bf16"] and cfg["model"]["checkpoint_activations"]
+    # sharded across the GPUs (speechgpt_fairseq/fsdp.py), the output-layer loss in chunks
+    assert cfg["distributed_training"]["ddp_backend"] == "fsdp2" and cfg["criterion"]["loss_chunk_tokens"] > 0
     assert cfg["task"]["tokens_per_sample"] == 1024
     sequences = (cfg["dataset"]["batch_size"] * cfg["optimization"]["update_freq"][0]
                  * cfg["distributed_training"]["distributed_world_size"])
@@ -66,7 +68,8 @@ def test_presets_have_the_parameter_count_of_hf_llama(preset):
 
 
 @pytest.mark.parametrize("stage,config", [("stage1", "tiny"), ("stage1", "llama_7b"), ("stage1", "llama_13b"),
-                                          ("stage2", "tiny"), ("stage2", "llama_7b"), ("stage3", "llama_7b")])
+                                          ("stage2", "tiny"), ("stage2", "llama_7b"), ("stage3", "llama_7b"),
+                                          ("demo", "stage1"), ("demo", "stage2"), ("demo", "stage3")])
 def test_every_field_is_overridable(cli, stage, config):
     """Hydra overrides only keys the config has (our dataclasses register after composition), so the shipped
     configs list every field of their task, model and criterion."""

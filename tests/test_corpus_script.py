@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from speechgpt_fairseq.demo import grammar as qa
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "corpus"
 SPLITS = ("train", "valid", "test")
@@ -44,18 +46,18 @@ def test_sentence_draws_are_what_ships(script):
 
 def test_every_question_has_its_answer(script):
     grammar = script.qa_grammar(script.make_world(script.qa_stream(SEED)))
-    value = {script.number_words(n): n for n in range(101)}
+    value = {qa.number_words(n): n for n in range(101)}
     for question, answer in grammar["arithmetic"]:
         left, op, right = re.fullmatch(r"what is (.+) (plus|times|minus) (.+)", question).groups()
         expected = {"plus": value[left] + value[right], "times": value[left] * value[right],
                     "minus": value[left] - value[right]}[op]
-        assert answer == f"{left} {op} {right} is {script.number_words(expected)}"
+        assert answer == f"{left} {op} {right} is {qa.number_words(expected)}"
     for question, answer in grammar["comparisons"]:
         _, x, asked, _, y = question.split(" ", 4)
         truth = "more" if value[x] > value[y] else "less"
         assert answer == f"{'yes' if asked == truth else 'no'}, {x} is {truth} than {y}"
-    yes = {(a, v) for a, vs in script.ABILITIES.items() for v in vs + script.MORE_ABILITIES.get(a, [])}
-    no = {(a, v) for a, vs in script.INABILITIES.items() for v in vs}
+    yes = {(a, v) for a, vs in qa.ABILITIES.items() for v in vs + qa.MORE_ABILITIES.get(a, [])}
+    no = {(a, v) for a, vs in qa.INABILITIES.items() for v in vs}
     assert not yes & no
     # yes/no questions state the answer of the open question about the same thing
     world = grammar["places"] + grammar["counting"] + grammar["calendar and timetable"]

@@ -62,9 +62,10 @@ class BuildCrossModal:
 
 class BuildCoM:
     """Build stage-3 chain-of-modality data from JSON lines with `text_i`, `text_r` and, where available,
-    `units_i`, `units_r` (unit strings, k-means labels or lists of ints). Each record gets one of the formats
-    s2s, s2t, t2s, t2t, drawn with the --mix weights among those its fields allow; records that allow none are
-    counted. A bad record stops with its file and line and nothing is written (or is skipped with --skip-bad)."""
+    `units_i`, `units_r` (unit strings, k-means labels or lists of ints), or with the units in files whose
+    line N belongs to manifest line N (--units-i, --units-r). Each record gets one of the formats s2s, s2t, t2s,
+    t2t, drawn with the --mix weights among those its fields allow; records that allow none are counted. A
+    bad record stops with its file and line and nothing is written (or is skipped with --skip-bad)."""
 
     help = "build chain-of-modality instruction data (stage 3)"
 
@@ -72,6 +73,9 @@ class BuildCoM:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--manifest", metavar="FILE", required=True,
                        help="JSON lines with text_i, text_r, units_i, units_r")
+        p.add_argument("--units-i", metavar="FILE",
+                       help="units of the spoken questions, line N for manifest line N (e.g. speech2unit's output)")
+        p.add_argument("--units-r", metavar="FILE", help="units of the spoken answers, aligned likewise")
         p.add_argument("--mix", default=DEFAULT_MIX,
                        help=f"format weights, normalised; unnamed formats weigh 0 (default {DEFAULT_MIX})")
         add_common_arguments(p)
@@ -80,5 +84,5 @@ class BuildCoM:
     def run(args) -> None:
         stats = build_com(args.manifest, args.out, mix=args.mix, skip_bad=args.skip_bad,
                           show_progress=not args.no_progress, seed=args.seed, dedup=args.dedup, prefix=args.prefix,
-                          num_units=args.num_units)
+                          num_units=args.num_units, units_i=args.units_i, units_r=args.units_r)
         print(summary(args.out, stats, "records", {f: f for f in COM_FORMATS}))

@@ -60,6 +60,7 @@ class Score:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("generate_output", help="what fairseq-generate printed (its stdout, or --results-path file)")
         p.add_argument("--out", default=None, help="JSON lines of every example's parts and error rates")
+        p.add_argument("--summary", default=None, help="also write the printed JSON summary to this file")
         p.add_argument("--keep-case", action="store_true", help="WER: do not lowercase")
         p.add_argument("--keep-punct", action="store_true", help="WER: do not remove punctuation")
 
@@ -71,4 +72,8 @@ class Score:
             with atomic_file(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        print(json.dumps({"examples": len(rows), **scores.summary()}, indent=2))
+        summary = json.dumps({"examples": len(rows), **scores.summary()}, indent=2)
+        if args.summary:
+            with atomic_file(args.summary) as tmp:
+                tmp.write_text(summary + "\n", encoding="utf-8")
+        print(summary)

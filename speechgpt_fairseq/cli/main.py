@@ -5,17 +5,23 @@ import argparse
 import logging
 import sys
 
-from speechgpt_fairseq.cli import builders, checkpoints, instructions, text_to_unit, units, vocoder
+from speechgpt_fairseq.cli import builders, chat, checkpoints, demo, instructions, speech, text_to_unit, units, vocoder
 
 VERBS = {
     "build-com": builders.BuildCoM,
     "build-cross-modal": builders.BuildCrossModal,
+    "chat": chat.Chat,
     "convert-hf": checkpoints.ConvertHF,
+    "demo": demo.Demo,
     "export-hf": checkpoints.ExportHF,
+    "fit-exemplar-vocoder": vocoder.FitExemplarVocoder,
     "import-peft": checkpoints.ImportPEFT,
+    "learn-kmeans": speech.LearnKmeans,
+    "make-corpus": demo.MakeCorpus,
     "prepare-units": units.PrepareUnits,
     "prepare-sft": instructions.PrepareSFT,
     "score": instructions.Score,
+    "speech2unit": speech.Speech2Unit,
     "t2u-export": text_to_unit.T2UExport,
     "t2u-import": text_to_unit.T2UImport,
     "unit2speech": vocoder.Unit2Speech,

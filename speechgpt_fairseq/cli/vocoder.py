@@ -120,3 +120,37 @@ class Unit2Speech:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
         print(f"wrote {out}: {len(utterances)} wavs, {seconds:.1f} s at {vocoder.sample_rate} Hz; "
               f"skipped {sum(skipped.values())}" + (f" ({reasons})" if reasons else ""))
+
+
+class FitExemplarVocoder:
+    """Fit a concatenative exemplar vocoder on audio and its units, in seconds, with nothing downloaded: each
+    unit is spoken as the frame of real speech nearest its k-means centroid, for the unit's mean duration.
+    Robotic, but it lets a model trained on your own units (the demo's MFCC units, say) be heard; `chat
+    --vocoder FILE.npz` uses it. A unit HiFi-GAN sounds far better where one exists for your units."""
+
+    help = "fit a concatenative unit vocoder on audio (no neural training; for units that have no HiFi-GAN)"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("inputs", nargs="+", metavar="INPUT", help="a fairseq audio manifest, directories or files")
+        p.add_argument("--kmeans", required=True, help="the k-means model of the units")
+        p.add_argument("--hubert", default=None, help="fairseq HuBERT checkpoint (default: MFCC features)")
+        p.add_argument("--layer", type=int, default=11, help="HuBERT layer (default 11)")
+        p.add_argument("--max-files", type=int, default=1000, help="fit on at most this many files (default 1000)")
+        p.add_argument("--out", required=True, help="vocoder file to write (.npz)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    @staticmethod
+    def run(args) -> None:
+        from speechgpt_fairseq.speech.audio import list_audio
+        from speechgpt_fairseq.speech.exemplar_vocoder import fit_exemplar_vocoder
+
+        if not args.out.endswith(".npz"):
+            raise ValueError(f"{args.out}: the vocoder file is an .npz")
+        _, entries = list_audio(args.inputs)
+        vocoder = fit_exemplar_vocoder(entries[:args.max_files], args.kmeans, args.hubert, args.layer,
+                                       show_progress=not args.no_progress)
+        vocoder.save(args.out)
+        seen = int((abs(vocoder.frames).sum(1) > 0).sum())
+        print(f"wrote {args.out}: {seen} of {vocoder.num_units} units have an exemplar, from "
+              f"{min(len(entries), args.max_files)} files")

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
@@ -136,22 +137,46 @@ def _manifest_kind(path: str | os.PathLike) -> str:
 
 
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...], optional: tuple[str, ...],
-               stats: BuildStats) -> Iterator[Record]:
-    """Records from JSON lines; `optional` fields that are absent or null are left out of the record."""
+               stats: BuildStats, aligned: dict[str, str | os.PathLike] | None = None) -> Iterator[Record]:
+    """Records from JSON lines; `optional` fields that are absent or null are left out of the record.
+
+    `aligned` maps a field to a file whose line N holds that field for line N of `path` (e.g. units from
+    speech2unit, one utterance per line): it fills the field, replacing a value in the JSON. The files must
+    have as many lines as `path`."""
     _check_file(path, "manifest")
-    with open(path, encoding="utf-8-sig") as f:
+    aligned = aligned or {}
+    for file in aligned.values():
+        _check_file(file, "units file")
+    with ExitStack() as stack:
+        f = stack.enter_context(open(path, encoding="utf-8-sig"))
+        columns = {k: stack.enter_context(open(file, encoding="utf-8")) for k, file in aligned.items()}
         for lineno, line in enumerate(f, 1):
+            values = {k: (f"{aligned[k]}:{lineno}", _aligned_line(c, aligned[k], path, lineno))
+                      for k, c in columns.items()}
             if not line.strip():
                 stats.skip("empty line")
                 continue
             stats.read += 1
             where = f"{path}:{lineno}"
             try:
-                obj = _json_object(line, where, required)
+                obj = _json_object(line, where, tuple(k for k in required if k not in aligned))
             except BadRecord as bad:
                 stats.reject(bad)
                 continue
-            yield {k: (f"{where}: field {k!r}", obj[k]) for k in required + optional if obj.get(k) is not None}
+            yield {**{k: (f"{where}: field {k!r}", obj[k]) for k in required + optional if obj.get(k) is not None},
+                   **values}
+        for k, c in columns.items():
+            if c.readline():
+                raise BuildError(f"{aligned[k]}: has more lines than {path} ({lineno}); line N of the units file "
+                                 f"belongs to line N of the manifest")
+
+
+def _aligned_line(f, path, manifest, lineno: int) -> str:
+    line = f.readline()
+    if not line:
+        raise BuildError(f"{path}: has {lineno - 1} lines, {manifest} has more; line N of the units file "
+                         f"belongs to line N of the manifest")
+    return line.rstrip("\n")
 
 
 def _json_object(line: str, where: str, required: tuple[str, ...]) -> dict:
@@ -357,12 +382,14 @@ def build_cross_modal(out: str | os.PathLike, *, units: str | os.PathLike | None
 
 
 def build_com(manifest: str | os.PathLike, out: str | os.PathLike, mix: dict[str, float] | str = DEFAULT_MIX,
-              skip_bad: bool = False, show_progress: bool = True, **options) -> BuildStats:
-    """Build stage-3 data from JSON lines with text_i, text_r and optional units_i, units_r; `options` go to
-    `com_examples`."""
+              skip_bad: bool = False, show_progress: bool = True, units_i: str | os.PathLike | None = None,
+              units_r: str | os.PathLike | None = None, **options) -> BuildStats:
+    """Build stage-3 data from JSON lines with text_i, text_r and optional units_i, units_r, or with those units
+    in files line-aligned with the manifest (`units_i`, `units_r`); `options` go to `com_examples`."""
     mix = parse_mix(mix) if isinstance(mix, str) else mix
     stats = BuildStats(skip_bad=skip_bad)
-    records = read_jsonl(manifest, ("text_i", "text_r"), ("units_i", "units_r"), stats)
+    aligned = {k: v for k, v in (("units_i", units_i), ("units_r", units_r)) if v is not None}
+    records = read_jsonl(manifest, ("text_i", "text_r"), ("units_i", "units_r"), stats, aligned)
     write_examples(com_examples(_progress(records, Path(manifest).name, show_progress), mix, stats, **options),
                    out, stats)
     return stats

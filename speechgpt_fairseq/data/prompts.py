@@ -73,6 +73,17 @@ def chain_of_modality(fmt: str, text_i: str, text_r: str, speech_i: list[int] | 
         speech_r=format_unit_string(speech_r) if need_sr else "")
 
 
+def com_prompt(fmt: str, text_i: str | None = None, speech_i: list[int] | None = None) -> str:
+    """The prompt of a chain-of-modality format, up to and including `[SpeechGPT]:`, for a question given as
+    text (t2s, t2t) or as units (s2s, s2t): what a model answers in that format."""
+    if fmt not in COM_FORMATS:
+        raise PromptFormatError(f"unknown chain-of-modality format {fmt!r}; expected one of {sorted(COM_FORMATS)}")
+    if (fmt[0] == "s") != (speech_i is not None) or (fmt[0] == "t") != (text_i is not None):
+        raise PromptFormatError(f"format {fmt} takes the question as {'units' if fmt[0] == 's' else 'text'}")
+    human = COM_FORMATS[fmt][:COM_FORMATS[fmt].index(ASSISTANT_TURN) + len(ASSISTANT_TURN)]
+    return human.format(text_i=text_i, speech_i=format_unit_string(speech_i) if speech_i is not None else "")
+
+
 def split_turn(plain_text: str) -> tuple[str, str]:
     """(prompt, response): the prompt ends with the first `[SpeechGPT]:`, the response is what follows."""
     at = plain_text.find(ASSISTANT_TURN)

@@ -77,6 +77,11 @@ class KmeansLabeler:
     def n_clusters(self) -> int:
         return self.centers_t.shape[1]
 
+    @property
+    def dim(self) -> int:
+        """Dimension of the features the centroids live in."""
+        return self.centers_t.shape[0]
+
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """Labels of (frames, dim) features: (frames,) int64 in [0, K)."""
         x = np.asarray(features, dtype=self.centers_t.dtype)

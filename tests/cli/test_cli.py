@@ -6,13 +6,16 @@ from speechgpt_fairseq.cli.main import VERBS, build_parser
 
 
 def test_verbs():
-    assert sorted(VERBS) == ["build-com", "build-cross-modal", "convert-hf", "export-hf", "import-peft",
-                             "prepare-sft", "prepare-units", "score", "t2u-export", "t2u-import", "unit2speech"]
+    assert sorted(VERBS) == ["build-com", "build-cross-modal", "chat", "convert-hf", "demo", "export-hf",
+                             "fit-exemplar-vocoder", "import-peft", "learn-kmeans", "make-corpus", "prepare-sft", "prepare-units", "score", "speech2unit", "t2u-export",
+                             "t2u-import", "unit2speech"]
 
 
 def test_registered_fairseq_names():
     from fairseq.criterions import CRITERION_REGISTRY
+    from fairseq.dataclass.constants import DDP_BACKEND_CHOICES
     from fairseq.models import MODEL_REGISTRY
+    from fairseq.optim import OPTIMIZER_REGISTRY
     from fairseq.tasks import TASK_REGISTRY
 
     assert TASK_REGISTRY["unit_lm"].__name__ == "UnitLMTask"
@@ -20,10 +23,11 @@ def test_registered_fairseq_names():
     assert TASK_REGISTRY["com_sft"].__name__ == "CoMSFTTask"
     assert MODEL_REGISTRY["speechgpt_llama"].__name__ == "SpeechGPTLlamaModel"
     assert CRITERION_REGISTRY["speechgpt_cross_entropy"].__name__ == "SpeechGPTCrossEntropyCriterion"
+    assert "speechgpt_adamw" in OPTIMIZER_REGISTRY and "fsdp2" in DDP_BACKEND_CHOICES._member_map_
 
 
 @pytest.mark.parametrize("verb,options", [
-    ("build-com", {"--manifest", "--mix", "--out", "--seed", "--dedup", "--no-dedup", "--prefix", "--num-units",
+    ("build-com", {"--manifest", "--units-i", "--units-r", "--mix", "--out", "--seed", "--dedup", "--no-dedup", "--prefix", "--num-units",
                    "--skip-bad", "--no-progress"}),
     ("build-cross-modal", {"--units", "--text", "--manifest", "--asr-prob", "--asr-templates", "--tts-templates",
                            "--out", "--seed", "--dedup", "--no-dedup", "--prefix", "--num-units", "--skip-bad",
@@ -31,9 +35,23 @@ def test_registered_fairseq_names():
     ("convert-hf", {"--num-units", "--overwrite"}),
     ("export-hf", {"--max-shard-size", "--overwrite"}),
     ("import-peft", {"--adapter", "--merge", "--overwrite"}),
+    ("learn-kmeans", {"--hubert", "--layer", "--max-chunk", "--max-batch-samples", "--device", "--bf16", "--skip-bad",
+                      "--overwrite", "--no-progress", "--out", "--n-clusters", "--percent", "--seed", "--init",
+                      "--max-iter", "--batch-size", "--tol", "--max-no-improvement", "--n-init",
+                      "--reassignment-ratio"}),
     ("prepare-units", {"--out", "--vocab", "--num-units", "--open", "--no-progress"}),
     ("prepare-sft", {"--out", "--vocab", "--num-units", "--skip-bad", "--no-progress"}),
-    ("score", {"--out", "--keep-case", "--keep-punct"}),
+    ("score", {"--out", "--summary", "--keep-case", "--keep-punct"}),
+    ("chat", {"--model", "--message", "--kmeans", "--hubert", "--layer", "--vocoder", "--vocoder-config", "--speaker",
+              "--out", "--text-only", "--system", "--greedy", "--temperature", "--top-k", "--top-p", "--seed",
+              "--max-new-tokens", "--device", "--bf16", "--json"}),
+    ("demo", {"--out", "--hubert", "--layer", "--quick", "--config-dir", "--workers"}),
+    ("make-corpus", {"--out", "--sentences", "--pairs", "--vocab-size", "--seed", "--workers", "--overwrite",
+                     "--no-progress"}),
+    ("fit-exemplar-vocoder", {"--kmeans", "--hubert", "--layer", "--max-files", "--out", "--no-progress"}),
+    ("speech2unit", {"--hubert", "--layer", "--max-chunk", "--max-batch-samples", "--device", "--bf16", "--skip-bad",
+                     "--overwrite", "--no-progress", "--kmeans", "--out", "--split", "--dedup", "--no-dedup",
+                     "--durations", "--shard", "--nshard"}),
     ("t2u-export", {"--text", "--units", "--out", "--dedup", "--no-dedup", "--keep-case", "--num-units", "--skip-bad",
                     "--no-progress"}),
     ("t2u-import", {"--out", "--format", "--source", "--dedup"}),

@@ -417,3 +417,32 @@ def test_build_com_end_to_end(cli, tmp_path):
     run = cli("speechgpt", "build-com", "--manifest", tmp_path / "in.jsonl", "--out", tmp_path / "x.jsonl",
               "--mix", "s2s=1,q=2", check=False)
     assert run.returncode == 1 and "'q=2': expected FORMAT=WEIGHT" in run.stderr
+
+
+def test_build_com_reads_units_from_aligned_files(tmp_path):
+    records = com_records(6)
+    write_jsonl(tmp_path / "with_units.jsonl", records)
+    texts = [{"text_i": r["text_i"], "text_r": r["text_r"]} for r in records]
+    (tmp_path / "texts.jsonl").write_text(
+        "".join(json.dumps(t) + "\n" + ("\n" if i == 2 else "") for i, t in enumerate(texts)))  # line 4 is empty
+    def line(units):  # com_records gives unit strings, k-means label lines or lists
+        return units if isinstance(units, str) else " ".join(map(str, units))
+
+    lines_i, lines_r = [line(r["units_i"]) for r in records], [line(r["units_r"]) for r in records]
+    lines_i.insert(3, ""), lines_r.insert(3, "")  # the units files keep the manifest's line numbers
+    (tmp_path / "q.km").write_text("\n".join(lines_i) + "\n")
+    (tmp_path / "a.km").write_text("\n".join(lines_r) + "\n")
+    build_com(tmp_path / "with_units.jsonl", tmp_path / "expected.jsonl", mix="s2s=1", num_units=K)
+    build_com(tmp_path / "texts.jsonl", tmp_path / "aligned.jsonl", mix="s2s=1", num_units=K,
+              units_i=tmp_path / "q.km", units_r=tmp_path / "a.km")
+    assert (tmp_path / "aligned.jsonl").read_text() == (tmp_path / "expected.jsonl").read_text()
+
+    (tmp_path / "short.km").write_text("\n".join(lines_i[:4]) + "\n")
+    with pytest.raises(BuildError, match=r"short.km: has 4 lines, \S+texts.jsonl has more"):
+        build_com(tmp_path / "texts.jsonl", tmp_path / "x.jsonl", mix="s2s=1", num_units=K,
+                  units_i=tmp_path / "short.km", units_r=tmp_path / "a.km")
+    (tmp_path / "long.km").write_text("\n".join(lines_i + ["1 2"]) + "\n")
+    with pytest.raises(BuildError, match=r"long.km: has more lines than \S+texts.jsonl \(7\)"):
+        build_com(tmp_path / "texts.jsonl", tmp_path / "x.jsonl", mix="s2s=1", num_units=K,
+                  units_i=tmp_path / "long.km", units_r=tmp_path / "a.km")
+    assert not (tmp_path / "x.jsonl").exists()

@@ -1,0 +1,146 @@
+"""Spoken chat: a question as text or speech in, the answer as text and speech out (chain-of-modality).
+
+A spoken question becomes units (speech2unit, repeats merged), the chain-of-modality prompt is built for the
+modalities asked for, the model generates (inference.py), the response is parsed into its parts (TextI /
+`[ta]` TextR / `[ua]` SpeechR), and the spoken answer is vocoded. One turn per question, as SpeechGPT's demo.
+
+    from speechgpt_fairseq.chat import SpokenChat
+    chat = SpokenChat.from_files("checkpoints/stage3/checkpoint_best.pt", kmeans="km1000.bin",
+                                 hubert="mhubert_base_vp_en_es_fr_it3.pt", vocoder="vocoder.pt",
+                                 vocoder_config="config.json")
+    turn = chat.respond("question.wav")      # or chat.respond("What is the capital of France?")
+    turn.transcript, turn.text, turn.units, turn.audio
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from speechgpt_fairseq.data.prompts import com_prompt, parse_response
+from speechgpt_fairseq.inference import SPEECHGPT_SAMPLING, Sampling, SpeechGPTModel
+from speechgpt_fairseq.speech.audio import AUDIO_EXTENSIONS
+from speechgpt_fairseq.speech.units import dedup_units
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatTurn:
+    """One question and its answer, in every part the model produced."""
+
+    question: str
+    prompt: str
+    response: str
+    transcript: str | None = None  # TextI: the model's transcription of a spoken question
+    text: str | None = None  # TextR: the answer in text
+    units: list[int] = field(default_factory=list)  # SpeechR: the spoken answer as units
+    audio: np.ndarray | None = None  # the spoken answer, vocoded
+
+
+class SpokenChat:
+    """Answers questions with a chain-of-modality model.
+
+    `speech_to_units(path) -> units` and `units_to_speech(units) -> waveform` are optional: without the first
+    only text questions are accepted, without the second spoken answers stay units.
+    """
+
+    def __init__(self, model: SpeechGPTModel, speech_to_units: Callable[[Path], list[int]] | None = None,
+                 units_to_speech: Callable[[list[int]], np.ndarray] | None = None, system_prefix: str = "",
+                 sampling: Sampling = SPEECHGPT_SAMPLING, max_new_tokens: int = 512, seed: int | None = None):
+        self.model, self.speech_to_units, self.units_to_speech = model, speech_to_units, units_to_speech
+        self.system_prefix, self.sampling, self.max_new_tokens, self.seed = (system_prefix, sampling,
+                                                                            max_new_tokens, seed)
+
+    @classmethod
+    def from_files(cls, model: str | Path, kmeans: str | Path | None = None, hubert: str | Path | None = None,
+                   layer: int = 11, vocoder: str | Path | None = None, vocoder_config: str | Path | None = None,
+                   speaker: int | None = None, device: str = "cpu", bf16: bool = False, **kwargs) -> SpokenChat:
+        """Load a checkpoint of ours and, optionally, speech2unit (k-means, with HuBERT or MFCC features) and a
+        unit vocoder; their unit counts are checked against the model's vocabulary. `bf16` keeps the model's
+        weights in bfloat16 (half the memory: a 7B model in about 14 GB)."""
+        import torch
+
+        loaded = SpeechGPTModel.from_checkpoint(model, device=device, dtype=torch.bfloat16 if bf16 else None)
+        num_units = loaded.vocab.num_units
+        task = loaded.task.cfg._name
+        if task != "com_sft":
+            logger.warning("%s was trained with task %s; chain-of-modality answers come from com_sft models",
+                           model, task)
+        speech_to_units = units_to_speech = None
+        if kmeans is not None:
+            from speechgpt_fairseq.speech.speech2unit import SpeechToUnits
+
+            speech_to_units = SpeechToUnits(kmeans, hubert=hubert, layer=layer, device=device)
+            if speech_to_units.num_units != num_units:
+                raise ValueError(f"{kmeans}: has {speech_to_units.num_units} clusters, but {model} reads "
+                                 f"{num_units} units")
+        elif hubert is not None:
+            raise ValueError(f"{hubert}: a HuBERT checkpoint needs the k-means model of its units (kmeans)")
+        if vocoder is not None and str(vocoder).endswith(".npz"):
+            from speechgpt_fairseq.speech.exemplar_vocoder import ExemplarVocoder
+
+            units_to_speech = ExemplarVocoder.load(vocoder)
+            if units_to_speech.num_units < num_units:
+                raise ValueError(f"{vocoder}: the vocoder speaks {units_to_speech.num_units} units, but {model} "
+                                 f"writes {num_units}")
+        elif (vocoder is None) != (vocoder_config is None):
+            raise ValueError("a vocoder needs both its checkpoint and its config.json (or is an exemplar .npz)")
+        elif vocoder is not None:
+            from speechgpt_fairseq.speech.vocoder import UnitVocoder
+
+            unit_vocoder = UnitVocoder.from_files(vocoder, vocoder_config, device=device)
+            if unit_vocoder.num_units < num_units:
+                raise ValueError(f"{vocoder_config}: the vocoder speaks {unit_vocoder.num_units} units, but "
+                                 f"{model} writes {num_units}")
+            unit_vocoder.check([0], speaker)  # a speaker is chosen when the vocoder needs one
+
+            def units_to_speech(units: list[int]) -> np.ndarray:
+                return unit_vocoder(units, speaker)
+
+            units_to_speech.sample_rate = unit_vocoder.sample_rate
+        return cls(loaded, speech_to_units, units_to_speech, **kwargs)
+
+    @property
+    def sample_rate(self) -> int | None:
+        """Sample rate of the spoken answers (None without a vocoder)."""
+        return getattr(self.units_to_speech, "sample_rate", None)
+
+    def prompt_for(self, question: str | Path, speak: bool = True) -> str:
+        """The prompt for a question: a path to an audio file is a spoken question, anything else text."""
+        if names_audio_file(question):
+            if not Path(str(question).strip()).is_file():
+                raise FileNotFoundError(f"{str(question).strip()}: no such audio file")
+            if self.speech_to_units is None:
+                raise ValueError(f"{question}: a spoken question needs speech2unit (a k-means model, and a "
+                                 f"HuBERT checkpoint or MFCC features)")
+            units = dedup_units(self.speech_to_units(Path(str(question).strip())))
+            if not units:
+                raise ValueError(f"{question}: no speech units came out of this audio")
+            return self.system_prefix + com_prompt("s2s" if speak else "s2t", speech_i=units)
+        text = " ".join(str(question).split())
+        if not text:
+            raise ValueError("an empty question")
+        return self.system_prefix + com_prompt("t2s" if speak else "t2t", text_i=text)
+
+    def respond(self, question: str | Path, speak: bool = True) -> ChatTurn:
+        """Answer one question; with `speak`, in text and in speech (vocoded when a vocoder is loaded)."""
+        prompt = self.prompt_for(question, speak)
+        response = self.model.generate([prompt], max_new_tokens=self.max_new_tokens, sampling=self.sampling,
+                                       seed=self.seed)[0]
+        parts = parse_response(response)
+        turn = ChatTurn(str(question), prompt, response, transcript=parts.get("text_i"),
+                        text=parts.get("text_r", parts.get("text")),
+                        units=parts.get("units_r", parts.get("units", [])))
+        if turn.units and self.units_to_speech is not None:
+            turn.audio = self.units_to_speech(turn.units)
+        return turn
+
+
+def names_audio_file(question: str | Path) -> bool:
+    """True when the question is a path to an audio file (one word ending in an audio extension, or a Path)."""
+    text = str(question).strip()
+    return isinstance(question, Path) or (len(text.split()) == 1 and Path(text).suffix.lower() in AUDIO_EXTENSIONS)

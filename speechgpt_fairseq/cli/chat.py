@@ -1,0 +1,115 @@
+"""chat: talk to a chain-of-modality model, in text or speech, interactively or one question at a time."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from speechgpt_fairseq.chat import ChatTurn, SpokenChat
+from speechgpt_fairseq.inference import SPEECHGPT_SAMPLING, Sampling
+from speechgpt_fairseq.speech.units import format_unit_string
+from speechgpt_fairseq.speech.vocoder import write_wav
+
+QUIT = {"quit", "exit", ":q"}
+_ANSWER_WAV = re.compile(r"answer-(\d+)\.wav")
+
+
+def next_answer_number(out: Path) -> int:
+    """1 + the highest N of the answer-N.wav files already in `out`: earlier answers are never overwritten."""
+    found = [int(m.group(1)) for p in out.glob("answer-*.wav") if (m := _ANSWER_WAV.fullmatch(p.name))]
+    return max(found, default=0) + 1
+
+
+class Chat:
+    """Talk to a chain-of-modality (com_sft) model. A question is text, or the path of an audio file (any format
+    soundfile reads, any sample rate) turned into units with --kmeans and --hubert (or MFCC features without
+    --hubert), as the model's training data was. The model transcribes a spoken question, answers in text and
+    then in speech; the spoken answer is vocoded to OUT/answer-N.wav with --vocoder (N continues after the
+    answers already in OUT), or printed as units without one. --text-only asks for a text answer. With
+    --message the questions are answered one by one and the command ends; without it, questions are read from
+    standard input, one per line, until an empty input, 'quit' or end of file. --json prints one JSON object
+    per turn instead of the readable lines."""
+
+    help = "talk to a trained model: text or a wav in, the answer in text and speech out"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="checkpoint of ours (stage 3, LoRA merged or not)")
+        p.add_argument("--message", action="append", default=None,
+                       help="a question (text, or an audio file path); repeat for several; none: interactive")
+        p.add_argument("--kmeans", default=None, help="k-means model of the units (joblib, e.g. km1000.bin)")
+        p.add_argument("--hubert", default=None, help="fairseq HuBERT checkpoint (default: MFCC features)")
+        p.add_argument("--layer", type=int, default=11, help="HuBERT layer the k-means was fitted on (default 11)")
+        p.add_argument("--vocoder", default=None,
+                       help="unit HiFi-GAN checkpoint (see unit2speech), or an exemplar vocoder .npz")
+        p.add_argument("--vocoder-config", default=None, help="the vocoder's config.json")
+        p.add_argument("--speaker", type=int, default=None, help="speaker id of a multi-speaker vocoder")
+        p.add_argument("--out", default="chat", help="directory for the spoken answers (default ./chat)")
+        p.add_argument("--text-only", action="store_true", help="answer in text only (s2t / t2t)")
+        p.add_argument("--system", default="", help="text put before every prompt (a system instruction)")
+        p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+        p.add_argument("--temperature", type=float, default=SPEECHGPT_SAMPLING.temperature)
+        p.add_argument("--top-k", type=int, default=SPEECHGPT_SAMPLING.top_k)
+        p.add_argument("--top-p", type=float, default=SPEECHGPT_SAMPLING.top_p)
+        p.add_argument("--seed", type=int, default=None, help="seed of the sampling, for repeatable answers")
+        p.add_argument("--max-new-tokens", type=int, default=512)
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+        p.add_argument("--bf16", action="store_true", help="the model's weights in bfloat16 (half the memory)")
+        p.add_argument("--json", action="store_true", help="one JSON object per turn on standard output")
+
+    @staticmethod
+    def run(args) -> None:
+        sampling = Sampling() if args.greedy else Sampling(sample=True, temperature=args.temperature,
+                                                           top_k=args.top_k, top_p=args.top_p)
+        chat = SpokenChat.from_files(
+            args.model, kmeans=args.kmeans, hubert=args.hubert, layer=args.layer, vocoder=args.vocoder,
+            vocoder_config=args.vocoder_config, speaker=args.speaker, device=args.device, bf16=args.bf16,
+            system_prefix=args.system, sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        out = Path(args.out)
+        if args.message is not None:
+            for question in args.message:
+                show(answer(chat, question, out, args), args.json)
+            return
+        interactive = sys.stdin.isatty()
+        while True:
+            if interactive:
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            question = line.strip()
+            if not line or question in QUIT or (interactive and not question):
+                break
+            if not question:
+                continue
+            try:
+                show(answer(chat, question, out, args), args.json)
+            except (ValueError, FileNotFoundError) as e:  # a bad question ends the turn, not the conversation
+                print(f"error: {e}", file=sys.stderr)
+
+
+def answer(chat: SpokenChat, question: str, out: Path, args) -> dict:
+    """Answer `question`; the spoken answer (if any) is written to OUT/answer-N.wav. Returns the turn as a dict."""
+    turn: ChatTurn = chat.respond(question, speak=not args.text_only)
+    record = {"question": turn.question, "prompt": turn.prompt, "response": turn.response,
+              "transcript": turn.transcript, "text": turn.text, "units": turn.units, "wav": None}
+    if turn.audio is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"answer-{next_answer_number(out)}.wav"
+        write_wav(path, turn.audio, chat.sample_rate)
+        record.update(wav=str(path), seconds=round(len(turn.audio) / chat.sample_rate, 3))
+    return record
+
+
+def show(record: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+        return
+    if record["transcript"] is not None:
+        print(f"heard:  {record['transcript']}")
+    print(f"answer: {record['text'] if record['text'] is not None else record['response']}")
+    if record["wav"]:
+        print(f"speech: {record['wav']} ({record['seconds']:.2f} s)")
+    elif record["units"]:
+        print(f"speech: {format_unit_string(record['units'])} (no vocoder: units only)")
+    print(flush=True)

@@ -1,0 +1,79 @@
+"""make-corpus and demo: the offline demo's spoken corpus, and the whole demo end to end."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from speechgpt_fairseq.demo.corpus import make_corpus
+
+
+class MakeCorpus:
+    """Make a small spoken corpus with espeak-ng, nothing downloaded: sentences of a grammar (numbers, colours,
+    objects, simple facts) split into train / valid / test before synthesis (held-out sentences never occur
+    in train), spoken question/answer pairs for chain-of-modality, several voices and rates, fairseq audio
+    manifests, transcripts and a LLaMA-style sentencepiece tokenizer. Written whole or not at all."""
+
+    help = "make a spoken corpus with espeak-ng (the demo's data)"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="corpus directory to write")
+        p.add_argument("--sentences", type=int, nargs=3, default=[2000, 200, 100], metavar=("TRAIN", "VALID", "TEST"),
+                       help="distinct sentences per split (default 2000 200 100)")
+        p.add_argument("--pairs", type=int, nargs=3, default=[1500, 150, 100], metavar=("TRAIN", "VALID", "TEST"),
+                       help="spoken question/answer pairs per split (default 1500 150 100)")
+        p.add_argument("--vocab-size", type=int, default=1000, help="pieces of the tokenizer (default 1000)")
+        p.add_argument("--seed", type=int, default=1, help="seed of every draw (default 1)")
+        p.add_argument("--workers", type=int, default=2, help="espeak-ng processes in parallel (default 2)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing corpus directory")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    @staticmethod
+    def run(args) -> None:
+        stats = make_corpus(args.out, tuple(args.sentences), tuple(args.pairs), seed=args.seed,
+                            vocab_size=args.vocab_size, workers=args.workers, overwrite=args.overwrite,
+                            show_progress=not args.no_progress)
+        counts = lambda d: "/".join(map(str, d.values()))  # noqa: E731
+        print(f"wrote {args.out}: {counts(stats['sentences'])} sentences and {counts(stats['pairs'])} question/answer "
+              f"pairs (train/valid/test), {stats['seconds'] / 60:.1f} minutes of speech")
+
+
+class Demo:
+    """The offline demo, end to end, in about a quarter of an hour on two CPU cores: make a spoken corpus with
+    espeak-ng, extract units (MFCC k-means, or --hubert), train stages 1, 2 and 3 with fairseq-hydra-train on
+    the examples/demo configs, evaluate on held-out speech with fairseq-generate against the untrained model,
+    hold one spoken chat turn, and write OUT/report/report.md with the validation curves. Every command is
+    printed before it runs (a tutorial to copy); each one's output is in OUT/logs. Run it again with the same
+    --out to continue after an interruption: finished steps are not redone."""
+
+    help = "the offline demo: corpus, units, three stages, evaluation, chat, report"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="working directory of the demo (created; reused to resume)")
+        p.add_argument("--hubert", default=None, help="fairseq HuBERT checkpoint for the units (default: MFCC)")
+        p.add_argument("--layer", type=int, default=11, help="its layer (default 11)")
+        p.add_argument("--quick", action="store_true",
+                       help="a tiny corpus and a few updates: checks the pipeline in a minute or two; no bar applied")
+        p.add_argument("--config-dir", default=None, help="the demo configs (default: examples/demo of this clone)")
+        p.add_argument("--workers", type=int, default=2, help="espeak-ng processes in parallel (default 2)")
+
+    @staticmethod
+    def run(args) -> None:
+        from speechgpt_fairseq.demo.pipeline import DemoPipeline, Sizes
+        from speechgpt_fairseq.demo.report import write_report
+
+        pipeline = DemoPipeline(args.out, Sizes.quick() if args.quick else Sizes(), hubert=args.hubert,
+                                layer=args.layer, config_dir=args.config_dir, workers=args.workers)
+        start = time.perf_counter()
+        times = pipeline.run(log=lambda line: print(line, flush=True))
+        result = write_report(args.out, times, time.perf_counter() - start, quick=args.quick)
+        t, u = result["trained"], result["untrained"]
+        print(f"\nreport: {Path(args.out) / 'report' / 'report.md'}")
+        print(f"ASR word error rate {t['asr_wer']}% (untrained {u['asr_wer']}%), TTS unit error rate {t['tts_uer']}% "
+              f"(untrained {u['tts_uer']}%), spoken questions answered right {t['com_answer_right']}% "
+              f"(untrained {u['com_answer_right']}%)")
+        if not args.quick and not result["passed"]:
+            raise ValueError(f"the ASR word error rate {t['asr_wer']}% is above the demo's bar: the model did not "
+                             f"learn enough (see the report)")

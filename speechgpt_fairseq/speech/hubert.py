@@ -1,0 +1,98 @@
+"""HuBERT features from a fairseq checkpoint (mHuBERT, HuBERT base/large), several utterances per forward pass.
+
+The features are those of fairseq's `examples/hubert/simple_kmeans/dump_hubert_feature.py` (HubertFeatureReader):
+the waveform layer-normed when the checkpoint's task says `normalize`, cut into chunks of `max_chunk` samples that
+are encoded independently, and the output of transformer layer `layer` (1-based, before any final layer norm).
+
+A batch gives each piece of audio exactly the features it gets alone. The conv feature extractor runs piece by
+piece: its GroupNorm (HuBERT-base's "default" mode) normalizes over a whole utterance, and its first layer's output
+(512 channels at 3.2 kHz) is the largest tensor of the model, so memory stays that of the longest piece, as in
+fairseq's reader. The transformer, where the time goes, runs on the padded batch with a frame-level padding mask.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from speechgpt_fairseq.speech.audio import SAMPLE_RATE
+
+logger = logging.getLogger(__name__)
+
+MAX_CHUNK = 1_600_000  # fairseq HubertFeatureReader's default: 100 s at 16 kHz
+
+
+class HubertFeatureReader:
+    """Layer-`layer` features of a fairseq HuBERT checkpoint, loaded through `fairseq.checkpoint_utils`."""
+
+    def __init__(self, checkpoint: str | Path, layer: int = 11, device: str | torch.device = "cpu",
+                 bf16: bool = False, max_chunk: int = MAX_CHUNK):
+        # importing speechgpt_fairseq applied fairseq_fixes: the weights_only allow-list HuBERT checkpoints need
+        from fairseq import checkpoint_utils
+
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint}: no such HuBERT checkpoint")
+        try:
+            (model,), _, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])
+        except (pickle.UnpicklingError, EOFError, IndexError, KeyError, AttributeError, RuntimeError) as e:
+            # what torch.load and fairseq raise on a file that is not a fairseq checkpoint
+            raise ValueError(f"{checkpoint}: not a loadable fairseq HuBERT checkpoint ({type(e).__name__}: "
+                             f"{str(e)[:300]})") from None
+        if not (hasattr(model, "feature_extractor") and hasattr(model, "encoder")):
+            raise ValueError(f"{checkpoint}: expected a HuBERT model, found {type(model).__name__}")
+        num_layers = len(model.encoder.layers)
+        if not 1 <= layer <= num_layers:
+            raise ValueError(f"{checkpoint}: layer {layer} does not exist: the model has layers 1..{num_layers}")
+        if max_chunk < 400:
+            raise ValueError(f"max_chunk {max_chunk} is shorter than HuBERT's 400-sample receptive field")
+        if task.cfg.sample_rate != SAMPLE_RATE:
+            raise ValueError(f"{checkpoint}: expects {task.cfg.sample_rate} Hz audio; only {SAMPLE_RATE} Hz is supported")
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.layer, self.max_chunk, self.bf16 = layer, max_chunk, bf16
+        self.normalize = bool(task.cfg.normalize)
+        self.dim = model.encoder.embedding_dim
+        self.checkpoint = checkpoint
+        self._convs = [(block[0].kernel_size[0], block[0].stride[0]) for block in model.feature_extractor.conv_layers]
+        logger.info("HuBERT %s: layer %d of %d, dim %d, normalize=%s, %s%s", checkpoint, layer, num_layers,
+                    self.dim, self.normalize, self.device, " bf16" if bf16 else "")
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames the conv feature extractor makes of `num_samples` samples (0 when shorter than 400)."""
+        n = num_samples
+        for kernel, stride in self._convs:
+            n = (n - kernel) // stride + 1 if n >= kernel else 0
+        return n
+
+    def segments(self, wav: np.ndarray) -> list[np.ndarray]:
+        """The pieces one utterance is encoded in: normalized as the checkpoint says, then cut every `max_chunk`
+        samples. A last piece too short to make a frame is dropped (fairseq's reader would fail on it)."""
+        wav = np.asarray(wav, dtype=np.float32)
+        if self.normalize:  # over the whole utterance, before chunking, as fairseq does
+            x = torch.from_numpy(wav)
+            wav = F.layer_norm(x, x.shape).numpy()
+        pieces = [wav[s:s + self.max_chunk] for s in range(0, len(wav), self.max_chunk)]
+        return [p for p in pieces if self.num_frames(len(p)) > 0]
+
+    @torch.inference_mode()
+    def features(self, segments: list[np.ndarray]) -> list[torch.Tensor]:
+        """Features of each segment, (frames, dim) float32 on the device; one padded pass through the transformer."""
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with autocast:
+            convs = [self.model.feature_extractor(torch.from_numpy(s).to(self.device)[None])[0].transpose(0, 1)
+                     for s in segments]  # (frames_i, C) each
+            frames = torch.tensor([len(c) for c in convs])
+            x = self.model.layer_norm(pad_sequence(convs, batch_first=True))  # (B, T, C)
+            if self.model.post_extract_proj is not None:
+                x = self.model.post_extract_proj(x)  # (B, T, D)
+            padding = torch.arange(x.size(1))[None, :] >= frames[:, None]  # (B, T), True on padding
+            x, _ = self.model.encoder(x, padding_mask=padding.to(self.device) if padding.any() else None,
+                                      layer=self.layer - 1)
+        return [x[i, :n].float() for i, n in enumerate(frames.tolist())]

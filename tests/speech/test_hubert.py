@@ -1,0 +1,123 @@
+"""HubertFeatureReader against fairseq's own reader (examples/hubert/simple_kmeans/dump_hubert_feature.py), on a
+tiny random HuBERT saved as a real fairseq checkpoint: batched, chunked and normalized features."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from speechgpt_fairseq.speech.audio import read_audio
+from speechgpt_fairseq.speech.hubert import HubertFeatureReader
+from speechgpt_fairseq.speech.speech2unit import SpeechFeatures
+
+VARIANTS = ["tiny_hubert", "tiny_hubert_large_style"]
+
+
+@pytest.fixture(scope="module")
+def waveforms(speech_dir) -> list[np.ndarray]:
+    """Utterances of different lengths: three spoken ones and 0.1 s of noise."""
+    noise = (0.1 * np.random.default_rng(0).normal(size=1601)).astype(np.float32)
+    paths = [speech_dir / "a_hello.wav", speech_dir / "b_stereo.wav", speech_dir / "sub" / "d_16k.wav"]
+    return [read_audio(p) for p in paths] + [noise]
+
+
+@pytest.fixture
+def fairseq_reader(fairseq_recipe, tmp_path):
+    """fairseq's HubertFeatureReader(checkpoint, layer, max_chunk): features of a waveform (via a 16 kHz file)."""
+    module = fairseq_recipe("dump_hubert_feature")
+
+    def features(checkpoint, layer, wavs, max_chunk=1_600_000) -> list[np.ndarray]:
+        reader = module.HubertFeatureReader(str(checkpoint), layer, max_chunk)
+        out = []
+        for i, wav in enumerate(wavs):
+            sf.write(tmp_path / f"{i}.wav", wav, 16000, subtype="FLOAT")
+            out.append(reader.get_feats(str(tmp_path / f"{i}.wav"), len(wav)).numpy())
+        return out
+    return features
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("layer", [1, 2])
+def test_batched_features_equal_fairseq_per_utterance(request, variant, layer, waveforms, fairseq_reader):
+    checkpoint = request.getfixturevalue(variant)
+    reader = HubertFeatureReader(checkpoint, layer=layer)
+    assert len({len(w) for w in waveforms}) == len(waveforms)  # one padded batch of different lengths
+    segments = [reader.segments(w) for w in waveforms]
+    assert all(len(s) == 1 for s in segments)  # shorter than max_chunk: one piece each
+    ours = [f.numpy() for f in reader.features([s for [s] in segments])]
+    theirs = fairseq_reader(checkpoint, layer, waveforms)
+    for mine, ref, wav in zip(ours, theirs, waveforms):
+        assert mine.shape == ref.shape == (reader.num_frames(len(wav)), 32)
+        np.testing.assert_allclose(mine, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chunked_features_equal_fairseq_chunked_reader(request, variant, waveforms, fairseq_reader):
+    checkpoint = request.getfixturevalue(variant)
+    max_chunk = 8000  # 0.5 s: every spoken utterance is cut in several chunks, the last one shorter
+    # fairseq's reader fails on a last chunk too short for a frame (ours drops it): none here
+    waveforms = [w[:len(w) - len(w) % max_chunk] if len(w) % max_chunk < 400 else w for w in waveforms]
+    assert sum(len(w) > 2 * max_chunk and len(w) % max_chunk > 0 for w in waveforms) >= 2
+    extractor = SpeechFeatures(checkpoint, layer=2, max_chunk=max_chunk)
+    ours = extractor(waveforms, max_batch_samples=3 * max_chunk)  # chunks of several utterances share batches
+    theirs = fairseq_reader(checkpoint, 2, waveforms, max_chunk)
+    for mine, ref in zip(ours, theirs):
+        assert mine.shape == ref.shape
+        np.testing.assert_allclose(mine, ref, atol=1e-5, rtol=0)
+
+
+def test_chunking_changes_features_and_drops_a_frameless_tail(tiny_hubert, waveforms):
+    wav = waveforms[2]
+    whole = HubertFeatureReader(tiny_hubert, layer=2)
+    chunked = HubertFeatureReader(tiny_hubert, layer=2, max_chunk=8000)
+    segments = chunked.segments(wav)
+    assert [len(s) for s in segments[:-1]] == [8000] * (len(segments) - 1)
+    assert np.concatenate(segments).tolist() == wav[:sum(map(len, segments))].tolist()
+    assert len(wav) - sum(map(len, segments)) < 400  # at most a frameless tail is left out
+    a = whole.features(whole.segments(wav))[0]
+    b = torch.cat(chunked.features(segments))
+    assert len(b) == sum(chunked.num_frames(len(s)) for s in segments) < len(a)  # each chunk loses its edge frames
+    assert (a[:len(b)] - b).abs().max() > 0.1  # every frame attends within its own chunk only
+    tail = np.concatenate([wav[:8000], wav[8000:8000 + 399]])  # a last chunk too short for one frame
+    assert [len(s) for s in chunked.segments(tail)] == [8000]
+
+
+def test_normalize_follows_the_checkpoint(tiny_hubert, tiny_hubert_large_style, make_hubert, waveforms, tmp_path):
+    """task.normalize on: the waveform is layer-normed before the model sees it; off: it is not. The same
+    weights are saved with normalize off to tell the two apart."""
+    assert HubertFeatureReader(tiny_hubert, layer=2).normalize is False
+    normalized = HubertFeatureReader(tiny_hubert_large_style, layer=2)
+    plain = HubertFeatureReader(make_hubert(tmp_path / "same_weights.pt", extractor_mode="layer_norm", normalize=False,
+                                            seed=1), layer=2)
+    assert normalized.normalize is True and plain.normalize is False
+    wav = waveforms[0]
+    layer_normed = (wav - wav.mean()) / np.sqrt(wav.var() + 1e-5)
+    assert plain.segments(wav)[0].tolist() == wav.tolist()
+    np.testing.assert_allclose(normalized.segments(wav)[0], layer_normed, atol=1e-4)
+    ours = normalized.features(normalized.segments(wav))[0]
+    torch.testing.assert_close(ours, plain.features([layer_normed.astype(np.float32)])[0], atol=1e-4, rtol=0)
+    assert (ours - plain.features([wav])[0]).abs().max() > 0.1
+
+
+def test_num_frames_is_what_the_model_gives(tiny_hubert):
+    reader = HubertFeatureReader(tiny_hubert, layer=1)
+    lengths = [400, 719, 720, 16000, 16001, 33333]
+    wavs = [np.random.default_rng(n).normal(size=n).astype(np.float32) for n in lengths]
+    assert [len(f) for f in reader.features(wavs)] == [reader.num_frames(n) for n in lengths]
+    assert reader.num_frames(399) == 0 and reader.num_frames(16000) == 49  # 50 Hz, the conv stack eats 400 samples
+
+
+def test_bf16_is_close_to_float32(tiny_hubert, waveforms):
+    fp32 = HubertFeatureReader(tiny_hubert, layer=2).features(waveforms[:2])
+    bf16 = HubertFeatureReader(tiny_hubert, layer=2, bf16=True).features(waveforms[:2])
+    for a, b in zip(fp32, bf16):
+        assert b.dtype == torch.float32 and a.shape == b.shape
+        assert (a - b).norm() / a.norm() < 0.05
+
+
+def test_errors(tiny_hubert, tmp_path):
+    with pytest.raises(ValueError, match=r"tiny_hubert\.pt: layer 3 does not exist: the model has layers 1\.\.2"):
+        HubertFeatureReader(tiny_hubert, layer=3)
+    with pytest.raises(FileNotFoundError, match="missing.pt: no such HuBERT checkpoint"):
+        HubertFeatureReader(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="max_chunk 300"):
+        HubertFeatureReader(tiny_hubert, layer=1, max_chunk=300)
