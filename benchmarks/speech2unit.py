@@ -105,6 +105,8 @@ def child(args) -> None:
         torch.set_num_threads(args.threads)
     manifest, out = Path(args.manifest), Path(args.out)
     if args.child == "ours":
+        from fairseq import checkpoint_utils  # noqa: F401  (imported before the clock, as fairseq's recipe module does)
+
         from speechgpt_fairseq.cli.main import main
     else:
         import speechgpt_fairseq  # noqa: F401  (allow-lists the classes fairseq's HuBERT checkpoints hold)

@@ -1,7 +1,6 @@
 """speechgpt chat and SpokenChat: prompts for text and spoken questions, parsing of the answer, vocoding, the
 interactive loop and bad input, on a chain-of-modality model trained here for a few seconds."""
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
