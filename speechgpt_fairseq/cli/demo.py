@@ -40,7 +40,7 @@ class MakeCorpus:
 
 
 class Demo:
-    """The offline demo, end to end, in about a quarter of an hour on two CPU cores: make a spoken corpus with
+    """The offline demo, end to end, in about ten minutes on two CPU cores: make a spoken corpus with
     espeak-ng, extract units (MFCC k-means, or --hubert), train stages 1, 2 and 3 with fairseq-hydra-train on
     the examples/demo configs, evaluate on held-out speech with fairseq-generate against the untrained model,
     hold one spoken chat turn, and write OUT/report/report.md with the validation curves. Every command is
