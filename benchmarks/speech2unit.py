@@ -15,8 +15,8 @@ checkpoint included), and reports its peak resident memory (ru_maxrss; glibc's m
 in both, MALLOC_MMAP_THRESHOLD_, so that freed tensors leave the RSS and the peak follows live memory rather than
 heap growth). Each side also runs once on the corpus listed twice: a peak that stays put when the corpus doubles
 is memory that does not grow with it. Ours holds one window of audio and one batch at a time, so its peak can grow
-only until its batches are full (`--max-batch-samples`; the default, 100 s of audio, takes many files of each
-length to fill). Timed runs alternate (ours, fairseq, fairseq, ours, ...). `ratio ours/fairseq: Z` is our audio seconds per wall second over fairseq's:
+only until its batches are full (`--max-batch-samples`; speech2unit's default is one file per pass on a CPU and
+100 s of audio on a GPU). Timed runs alternate (ours, fairseq, fairseq, ours, ...). `ratio ours/fairseq: Z` is our audio seconds per wall second over fairseq's:
 above 1 ours is faster. On a shared CPU wall times swing with other load; the CPU-seconds ratio (fairseq's over
 ours, again above 1 = ours faster) is the steadier guide there. The script also checks both wrote the same labels.
 
@@ -116,9 +116,9 @@ def child(args) -> None:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0, c0 = time.perf_counter(), time.process_time()
     if args.child == "ours":
+        batching = [] if args.max_batch_samples is None else ["--max-batch-samples", str(args.max_batch_samples)]
         status = main(["speech2unit", str(manifest), "--hubert", args.ckpt, "--layer", str(args.layer), "--kmeans",
-                       args.km, "--out", str(out), "--device", args.device, "--max-batch-samples",
-                       str(args.max_batch_samples), "--no-progress"])
+                       args.km, "--out", str(out), "--device", args.device, *batching, "--no-progress"])
         assert status == 0
     else:
         dump_hubert.main(str(manifest.parent), manifest.stem, args.ckpt, args.layer, 1, 0, str(out / "feat"),
@@ -133,7 +133,9 @@ def run_side(side: str, manifest: Path, out: Path, args, ckpt: Path, km: Path) -
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, __file__, "--child", side, "--manifest", str(manifest), "--out", str(out), "--ckpt",
                str(ckpt), "--km", str(km), "--layer", str(args.layer), "--device", args.device,
-               "--threads", str(args.threads), "--max-batch-samples", str(args.max_batch_samples)]
+               "--threads", str(args.threads)]
+    if args.max_batch_samples is not None:
+        command += ["--max-batch-samples", str(args.max_batch_samples)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -151,9 +153,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs per side and corpus size (default 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=0, help="torch threads per side (default: torch's choice)")
-    p.add_argument("--max-batch-samples", type=int, default=MAX_BATCH_SAMPLES,
-                   help=f"ours: padded samples per batch (default {MAX_BATCH_SAMPLES}, speech2unit's); our peak memory "
-                        f"grows with the corpus only until its batches are this full")
+    p.add_argument("--max-batch-samples", type=int, default=None,
+                   help=f"ours: padded samples per batch (default: speech2unit's, one file per pass on a CPU and "
+                        f"{MAX_BATCH_SAMPLES} on a GPU); our peak memory grows with the corpus only until its "
+                        f"batches are this full")
     p.add_argument("--workdir", default=None, help="keep the corpus, models and outputs here (default: a temp dir)")
     for hidden in ("--child", "--manifest", "--out", "--ckpt", "--km"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
@@ -176,7 +179,7 @@ def main() -> None:
     print(f"machine: {machine(torch.device(args.device))} ({args.device}), torch {torch.__version__}, "
           f"threads {args.threads or torch.get_num_threads()}")
     print(f"HuBERT: {args.layers} layers, width {args.dim}, conv extractor 512 channels, layer {args.layer}, random "
-          f"weights; k-means {args.clusters} clusters; ours: --max-batch-samples {args.max_batch_samples}")
+          f"weights; k-means {args.clusters} clusters; ours: --max-batch-samples {args.max_batch_samples or 'default'}")
     print(f"corpus: {len(durations)} files, {sum(durations):.1f} s of espeak-ng speech "
           f"({min(durations):.1f}-{max(durations):.1f} s each); twice: the same files listed twice")
 

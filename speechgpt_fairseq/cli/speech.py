@@ -36,9 +36,10 @@ def add_feature_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, default=11, help="HuBERT transformer layer, 1-based (default 11)")
     p.add_argument("--max-chunk", type=int, default=MAX_CHUNK,
                    help=f"HuBERT encodes long audio in chunks of this many samples (default {MAX_CHUNK}, as fairseq)")
-    p.add_argument("--max-batch-samples", type=int, default=MAX_BATCH_SAMPLES,
-                   help=f"padded samples per HuBERT forward pass; files are batched by length "
-                        f"(default {MAX_BATCH_SAMPLES})")
+    p.add_argument("--max-batch-samples", type=int, default=None,
+                   help=f"padded samples per HuBERT forward pass; files are batched by length (default: "
+                        f"{MAX_BATCH_SAMPLES} on a GPU; 1 on a CPU, one file per pass, where padding costs more "
+                        f"than batching saves)")
     p.add_argument("--device", default="cpu", help="torch device for HuBERT, e.g. cuda")
     p.add_argument("--bf16", action="store_true", help="run HuBERT under bfloat16 autocast")
     p.add_argument("--skip-bad", action="store_true",
@@ -184,10 +185,10 @@ class Speech2Unit:
         bar = tqdm(total=len(entries), initial=progress.done, desc="speech2unit", unit=" file",
                    disable=args.no_progress)
         try:
-            for window in read_windows(entries[progress.done:], WINDOW_BATCHES * args.max_batch_samples,
+            for window in read_windows(entries[progress.done:], window_samples(args),
                                        args.skip_bad):
                 good = [(entry, wav) for entry, wav in window if isinstance(wav, np.ndarray)]
-                labels = speech2unit.labels([wav for _, wav in good], args.max_batch_samples)
+                labels = speech2unit.labels([wav for _, wav in good], batch_samples(args))
                 progress.append(len(window), unit_lines([e for e, _ in good], labels, args.dedup, args.durations),
                                 skipped=[[e.name, w.reason, str(w)] for e, w in window if isinstance(w, AudioError)],
                                 frames=sum(map(len, labels)), seconds=sum(len(w) for _, w in good) / SAMPLE_RATE)
@@ -206,6 +207,19 @@ class Speech2Unit:
                     elapsed, (state["seconds"] - seconds_before) / max(elapsed, 1e-9))
         print(f"wrote {', '.join(map(str, progress.finals.values()))}: {state['utterances']} utterances, "
               f"{state['seconds']:.1f} s of audio, {state['frames']} frames; " + skipped_report(state["skipped"]))
+
+
+def batch_samples(args) -> int:
+    """--max-batch-samples, or its default for the device: batches on a GPU, one file per pass on a CPU."""
+    if args.max_batch_samples is not None:
+        return args.max_batch_samples
+    return 1 if args.device == "cpu" else MAX_BATCH_SAMPLES
+
+
+def window_samples(args) -> int:
+    """Audio read (and recorded for resuming) at a time: about WINDOW_BATCHES batches of --max-batch-samples, or
+    of the GPU default when the CPU default (one file per pass) applies."""
+    return WINDOW_BATCHES * (args.max_batch_samples or MAX_BATCH_SAMPLES)
 
 
 def unit_lines(entries: list[AudioEntry], labels: list[list[int]], dedup: bool, durations: bool
@@ -262,9 +276,9 @@ class LearnKmeans:
         extractor = SpeechFeatures(args.hubert, args.layer, args.device, args.bf16, args.max_chunk)
         features, skipped = [], []
         with tqdm(total=len(entries), desc="features", unit=" file", disable=args.no_progress) as bar:
-            for window in read_windows(entries, WINDOW_BATCHES * args.max_batch_samples, args.skip_bad):
+            for window in read_windows(entries, window_samples(args), args.skip_bad):
                 good = [wav for _, wav in window if isinstance(wav, np.ndarray)]
-                features += extractor(good, args.max_batch_samples) if good else []
+                features += extractor(good, batch_samples(args)) if good else []
                 skipped += [[e.name, w.reason, str(w)] for e, w in window if isinstance(w, AudioError)]
                 bar.update(len(window))
         if not features:
