@@ -11,6 +11,19 @@ PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 pip_install() { "$PY" -m pip install --disable-pip-version-check "$@"; }
 
+# espeak-ng (Debian package) speaks the demo's corpus and the tests' audio. Installed with apt-get as root (or
+# through sudo when it needs no password); otherwise the install stops and says what to run.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then as_root=(); elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    as_root=(sudo -n); else as_root=(missing); fi
+  if [ "${as_root[*]-}" = missing ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: espeak-ng is missing: install it (Debian/Ubuntu: sudo apt-get install espeak-ng), then run make install again" >&2
+    exit 1
+  fi
+  apt_install() { "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends espeak-ng; }
+  apt_install || { "${as_root[@]}" apt-get update -q && apt_install; }
+fi
+
 if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install "$TORCH_SPEC"
 fi

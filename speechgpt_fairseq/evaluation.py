@@ -88,7 +88,7 @@ def score_records(records: dict[int, dict[str, str]], lowercase: bool = True, re
 
     Text parts get WER (words, lowercased and without punctuation by default), unit parts UER (units with
     repeats merged). Chain-of-modality references are scored per part: the transcribed question (text_i),
-    the text answer (text_r, also as exact match) and the spoken answer (units_r).
+    the text answer (text_r) and the spoken answer (units_r); the first two also as exact match.
     """
     scores, rows = Scores(), []
     for key, r in records.items():
@@ -103,7 +103,33 @@ def score_records(records: dict[int, dict[str, str]], lowercase: bool = True, re
             else:
                 a, b = dedup_units(ref[part]), dedup_units(hyp.get(part, []))
             row[f"{part}_{metric}"] = round(scores.rates[f"{part}_{metric}"].add(a, b), 4)
-            if part == "text_r":
-                scores.exact["text_r"].append(a == b)
+            if part in ("text_i", "text_r"):  # the transcribed question and the text answer: right or not
+                scores.exact[part].append(a == b)
+        rows.append(row)
+    return rows, scores
+
+
+def round_trip(records: dict[int, dict[str, str]], transcribe, lowercase: bool = True, remove_punct: bool = True,
+               ) -> tuple[list[dict], Scores]:
+    """How intelligible chain-of-modality spoken answers are: each generated spoken answer (units_r) is transcribed
+    by `transcribe(list of unit lists) -> texts` (a model's ASR) and compared with the text answer the same
+    response gave (`roundtrip` WER) and with the reference answer (`roundtrip_reference` WER). A response
+    without a spoken answer counts as an empty transcript."""
+    parsed = {key: (parse_response(r["reference"]), parse_response(r["hypothesis"])) for key, r in records.items()}
+    spoken = [key for key, (_, hyp) in parsed.items() if hyp.get("units_r")]
+    heard = dict(zip(spoken, transcribe([parsed[key][1]["units_r"] for key in spoken])))
+    scores, rows = Scores(), []
+    for key, (ref, hyp) in parsed.items():
+        if "text_r" not in ref:
+            raise GenerateOutputError(f"example {key}: the reference has no text answer ([ta]); round trips are "
+                                      f"measured on chain-of-modality generations")
+        text = heard.get(key, "")
+        row = {"id": key, "transcript": text, "text_r": hyp.get("text_r", ""), "reference": ref["text_r"],
+               "units_r": len(hyp.get("units_r", []))}
+        said = words(text, lowercase, remove_punct)
+        row["roundtrip_wer"] = round(scores.rates["roundtrip_wer"].add(
+            words(hyp.get("text_r", ""), lowercase, remove_punct), said), 4)
+        row["roundtrip_reference_wer"] = round(scores.rates["roundtrip_reference_wer"].add(
+            words(ref["text_r"], lowercase, remove_punct), said), 4)
         rows.append(row)
     return rows, scores

@@ -286,6 +286,24 @@ def fairseq_recipe_on_cpu(setattr_) -> None:
         setattr_(simple_kmeans("dump_hubert_feature"), "get_features_or_waveform", read_16k_mono)
 
 
+def require_program(name: str, package: str) -> None:
+    """Skip a test whose system dependency is missing; under CI (CI=true), where `make install` must have
+    installed it, fail instead."""
+    import shutil
+
+    if shutil.which(name) is None:
+        reason = f"{name} is not on PATH (Debian package {package}, which make install installs)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}: under CI a missing system dependency fails the test")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def espeak_ng() -> None:
+    """The test speaks with espeak-ng (a Debian package)."""
+    require_program("espeak-ng", "espeak-ng")
+
+
 def espeak(path: Path, text: str, voice: str = "en-us", speed: int = 175) -> Path:
     """Speak `text` with espeak-ng into a 22050 Hz mono wav."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,15 +315,12 @@ def espeak(path: Path, text: str, voice: str = "en-us", speed: int = 175) -> Pat
 def speech_dir(tmp_path_factory) -> Path:
     """Real speech (espeak-ng) as a user's folder holds it: 22050 Hz mono, a stereo file, a 44.1 kHz FLAC and a
     16 kHz file in a subdirectory, of different lengths."""
-    import shutil
-
     import numpy as np
     import soundfile as sf
 
     from speechgpt_fairseq.speech.audio import to_mono
 
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not on PATH (Debian package espeak-ng)")
+    require_program("espeak-ng", "espeak-ng")
     root = tmp_path_factory.mktemp("speech")
     espeak(root / "a_hello.wav", "hello, how are you today?")
     wav, sr = sf.read(espeak(root / "tmp.wav", "the red cup is on the small table by the window", "en+f3"))

@@ -133,7 +133,7 @@ def test_bad_setups_are_refused(cli, com_model, tiny_vocoder, tmp_path):
     assert not list(tmp_path.glob("answer-*.wav"))
 
 
-def test_spoken_question(cli, com_model, tmp_path):
+def test_spoken_question(cli, com_model, tmp_path, espeak_ng):
     """A wav question goes through speech2unit (MFCC + a k-means fitted here), repeats merged, into the s2s prompt."""
     import subprocess as sp
 

@@ -1,21 +1,24 @@
-"""build-cross-modal and build-com: instruction data for stages 2 and 3 (cross_modal_sft, com_sft)."""
+"""build-cross-modal, build-text-instructions and build-com: instruction data for stages 2 and 3 (cross_modal_sft,
+com_sft)."""
 from __future__ import annotations
 
 import argparse
 
-from speechgpt_fairseq.data.builders import DEFAULT_MIX, BuildStats, build_com, build_cross_modal, load_templates
+from speechgpt_fairseq.data.builders import (DEFAULT_MIX, BuildStats, build_com, build_cross_modal,
+                                             build_text_instructions, load_templates)
 from speechgpt_fairseq.data.prompts import COM_FORMATS
 
 
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """The options both builders share."""
+def add_common_arguments(p: argparse.ArgumentParser, units: bool = True) -> None:
+    """The options the builders share; `units`: those of builders that read speech units."""
     p.add_argument("--out", metavar="FILE", required=True,
                    help="JSON lines file to write ({\"prefix\": ..., \"plain_text\": ...})")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same input and seed give the same file")
-    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
-                   help="merge runs of a repeated unit, as SpeechGPT does (default: on)")
+    if units:
+        p.add_argument("--seed", type=int, default=0, help="random seed: the same input and seed give the same file")
+        p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
+                       help="merge runs of a repeated unit, as SpeechGPT does (default: on)")
+        p.add_argument("--num-units", type=int, default=1000, help="K: unit ids must lie in 0..K-1 (default 1000)")
     p.add_argument("--prefix", default="", help="system prefix of every example (default: none)")
-    p.add_argument("--num-units", type=int, default=1000, help="K: unit ids must lie in 0..K-1 (default 1000)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip malformed records and count them, instead of stopping at the first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -58,6 +61,28 @@ class BuildCrossModal:
             skip_bad=args.skip_bad, show_progress=not args.no_progress, asr_prob=args.asr_prob, seed=args.seed,
             dedup=args.dedup, prefix=args.prefix, num_units=args.num_units)
         print(summary(args.out, stats, "pairs", {"asr": "ASR", "tts": "TTS"}))
+
+
+class BuildTextInstructions:
+    """Build text-only instruction data, which stage 2 mixes with the ASR/TTS examples as SpeechGPT mixed text
+    instructions in: JSON lines with `instruction`, `output` and an optional `input` (Alpaca's fields) become
+    `[Human]: INSTRUCTION<eoh> [SpeechGPT]: OUTPUT<eoa>` (with ` This is input: INPUT` after the instruction when
+    there is one). A bad record stops with its file and line and nothing is written (or is skipped with
+    --skip-bad)."""
+
+    help = "build text-only instruction data (mixed into stage 2)"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--manifest", metavar="FILE", required=True,
+                       help="JSON lines with instruction, output and optionally input")
+        add_common_arguments(p, units=False)
+
+    @staticmethod
+    def run(args) -> None:
+        stats = build_text_instructions(args.manifest, args.out, skip_bad=args.skip_bad,
+                                        show_progress=not args.no_progress, prefix=args.prefix)
+        print(summary(args.out, stats, "records", {"text": "text"}))
 
 
 class BuildCoM:

@@ -1,4 +1,4 @@
-"""prepare-sft and score: instruction data in, generated responses scored."""
+"""prepare-sft, score and round-trip: instruction data in, generated responses scored."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from speechgpt_fairseq.atomic_files import atomic_file
 from speechgpt_fairseq.cli.units import load_vocabulary, parse_splits
 from speechgpt_fairseq.data.instructions import prepare_instructions
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE
-from speechgpt_fairseq.evaluation import read_generate_output, score_records
+from speechgpt_fairseq.evaluation import read_generate_output, round_trip, score_records
 
 
 class PrepareSFT:
@@ -25,7 +25,7 @@ class PrepareSFT:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("splits", nargs="+", metavar="NAME=FILE",
                        help="e.g. train=cm_train.jsonl valid=cm_dev.jsonl alpaca=alpaca.jsonl (mix sources with "
-                            "task.mix)")
+                            "task.mix); a split named twice concatenates its files in order")
         p.add_argument("--out", required=True, help="data directory to write (task.data)")
         p.add_argument("--vocab", required=True,
                        help="vocab.json or a directory holding one (convert-hf's output, a stage-1 data directory), "
@@ -48,6 +48,27 @@ class PrepareSFT:
         print(f"wrote {args.out} ({len(vocab)} tokens in {Path(args.out) / VOCAB_FILE})")
 
 
+def write_scores(rows: list[dict], summary: dict, out: str | None, summary_path: str | None) -> None:
+    """Print the JSON summary; write every row as JSON lines to `out` and the summary to `summary_path`."""
+    if out:
+        with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    text = json.dumps(summary, indent=2)
+    if summary_path:
+        with atomic_file(summary_path) as tmp:
+            tmp.write_text(text + "\n", encoding="utf-8")
+    print(text)
+
+
+def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("generate_output", help="what fairseq-generate printed (its stdout, or --results-path file)")
+    p.add_argument("--out", default=None, help="JSON lines of every example's parts and error rates")
+    p.add_argument("--summary", default=None, help="also write the printed JSON summary to this file")
+    p.add_argument("--keep-case", action="store_true", help="WER: do not lowercase")
+    p.add_argument("--keep-punct", action="store_true", help="WER: do not remove punctuation")
+
+
 class Score:
     """Score fairseq-generate's output on a cross_modal_sft / com_sft split: word error rate of text responses
     (ASR), unit error rate of speech responses (TTS: edit distance over units with repeats merged), and for
@@ -58,22 +79,57 @@ class Score:
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("generate_output", help="what fairseq-generate printed (its stdout, or --results-path file)")
-        p.add_argument("--out", default=None, help="JSON lines of every example's parts and error rates")
-        p.add_argument("--summary", default=None, help="also write the printed JSON summary to this file")
-        p.add_argument("--keep-case", action="store_true", help="WER: do not lowercase")
-        p.add_argument("--keep-punct", action="store_true", help="WER: do not remove punctuation")
+        add_scoring_arguments(p)
 
     @staticmethod
     def run(args) -> None:
         rows, scores = score_records(read_generate_output(args.generate_output), lowercase=not args.keep_case,
                                      remove_punct=not args.keep_punct)
-        if args.out:
-            with atomic_file(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        summary = json.dumps({"examples": len(rows), **scores.summary()}, indent=2)
-        if args.summary:
-            with atomic_file(args.summary) as tmp:
-                tmp.write_text(summary + "\n", encoding="utf-8")
-        print(summary)
+        write_scores(rows, {"examples": len(rows), **scores.summary()}, args.out, args.summary)
+
+
+class RoundTrip:
+    """How intelligible a chain-of-modality model's spoken answers are, whatever voice it imitates: the spoken
+    answers of fairseq-generate's output on a com_sft split are transcribed by a model's ASR (an ASR instruction
+    with the answer's units as input, greedy; a stage-2 checkpoint, or any of ours that follows ASR instructions)
+    and scored against the text answer of the same response (roundtrip_wer) and against the reference answer
+    (roundtrip_reference_wer). A response without a spoken answer counts as an empty transcript. Prints a JSON
+    summary; --out writes every example."""
+
+    help = "transcribe generated spoken answers with a model's ASR and score them (round-trip WER)"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        add_scoring_arguments(p)
+        p.add_argument("--model", required=True, help="checkpoint of ours whose ASR transcribes (e.g. stage 2's)")
+        p.add_argument("--instruction", default=None,
+                       help="the ASR instruction (default: the first of the shipped ASR templates)")
+        p.add_argument("--batch-size", type=int, default=32, help="answers transcribed together (default 32)")
+        p.add_argument("--max-new-tokens", type=int, default=64, help="longest transcript in tokens (default 64)")
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    @staticmethod
+    def run(args) -> None:
+        from tqdm import tqdm
+
+        from speechgpt_fairseq.data.builders import shipped_templates
+        from speechgpt_fairseq.data.prompts import instruction_prompt, strip_answer_end
+        from speechgpt_fairseq.inference import SpeechGPTModel
+        from speechgpt_fairseq.speech.units import format_unit_string
+
+        records = read_generate_output(args.generate_output)
+        model = SpeechGPTModel.from_checkpoint(args.model, device=args.device)
+        instruction = args.instruction or shipped_templates("asr")[0]
+
+        def transcribe(answers: list[list[int]]) -> list[str]:
+            prompts = [instruction_prompt(instruction, format_unit_string(units)) for units in answers]
+            texts = []
+            for start in tqdm(range(0, len(prompts), args.batch_size), desc="transcribing", unit=" batch",
+                              disable=args.no_progress):
+                texts += [strip_answer_end(t) for t in model.generate(prompts[start:start + args.batch_size],
+                                                                      max_new_tokens=args.max_new_tokens)]
+            return texts
+
+        rows, scores = round_trip(records, transcribe, lowercase=not args.keep_case, remove_punct=not args.keep_punct)
+        write_scores(rows, {"examples": len(rows), **scores.summary()}, args.out, args.summary)

@@ -10,6 +10,7 @@ from speechgpt_fairseq.cli import builders, chat, checkpoints, demo, instruction
 VERBS = {
     "build-com": builders.BuildCoM,
     "build-cross-modal": builders.BuildCrossModal,
+    "build-text-instructions": builders.BuildTextInstructions,
     "chat": chat.Chat,
     "convert-hf": checkpoints.ConvertHF,
     "demo": demo.Demo,
@@ -20,6 +21,7 @@ VERBS = {
     "make-corpus": demo.MakeCorpus,
     "prepare-units": units.PrepareUnits,
     "prepare-sft": instructions.PrepareSFT,
+    "round-trip": instructions.RoundTrip,
     "score": instructions.Score,
     "speech2unit": speech.Speech2Unit,
     "t2u-export": text_to_unit.T2UExport,

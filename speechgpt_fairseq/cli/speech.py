@@ -142,8 +142,8 @@ class Speech2Unit:
     k-means model (joblib: ours, fairseq's learn_kmeans, SpeechGPT's km1000.bin). Writes, one line per utterance
     in input order: OUT/SPLIT.km (fairseq k-means labels, one per frame, as dump_km_label writes them),
     OUT/SPLIT.units (SpeechGPT unit strings <sosp><u>...<eosp>), OUT/SPLIT.names (the file of each line) and,
-    with --durations, OUT/SPLIT.dur (run length of each unit). Shard R of N writes SPLIT_R_N.* (fairseq's
-    names). Work is recorded a window of files at a time: a killed run, started again with the same command,
+    with --durations, OUT/SPLIT.dur (run length of each unit); with --each, every input to its own SPLIT.
+    Shard R of N writes SPLIT_R_N.* (fairseq's names). Work is recorded a window of files at a time: a killed run, started again with the same command,
     goes on where it stopped. A bad file stops the run naming it (or, with --skip-bad, is left out and reported)."""
 
     help = "speech to units (HuBERT or MFCC features + k-means): fairseq .km labels and SpeechGPT unit strings"
@@ -155,6 +155,9 @@ class Speech2Unit:
         p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
         p.add_argument("--split", default=None,
                        help="output name (default: the manifest's name, e.g. train for train.tsv; else 'all')")
+        p.add_argument("--each", action="store_true",
+                       help="one output per input, named after it (train.tsv valid.tsv -> OUT/train.*, OUT/valid.*), "
+                            "the models loaded once")
         p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
                        help="merge runs of a repeated unit in the unit strings, as SpeechGPT does (default: on); "
                             "the .km labels always keep every frame")
@@ -168,45 +171,59 @@ class Speech2Unit:
         if args.durations and not args.dedup:
             raise ValueError("--durations gives the run lengths of deduplicated units; it needs --dedup")
         inputs = [Path(i) for i in args.inputs]
-        entries = listed_audio(args.inputs)
-        start, end = shard_range(len(entries), args.nshard, args.shard)
-        entries = entries[start:end]
-        split = args.split or (inputs[0].stem if inputs[0].suffix == ".tsv" else "all")
-        stem = split if args.nshard == 1 else f"{split}_{args.shard}_{args.nshard}"
-        suffixes = ["km", "units", "names"] + (["dur"] if args.durations else [])
-        listing = "\n".join(f"{e.path}\t{e.num_samples}" for e in entries).encode("utf-8")
-        settings = {"inputs": hashlib.sha256(listing).hexdigest(), "files": len(entries),
-                    "kmeans": str(Path(args.kmeans).resolve()), **feature_settings(args), "dedup": args.dedup,
-                    "durations": args.durations}
+        if args.each:
+            if args.split:
+                raise ValueError("--each names each output after its input: it takes no --split")
+            stems = [i.stem for i in inputs]
+            if len(set(stems)) < len(stems):
+                raise ValueError(f"--each: two inputs have the same name ({', '.join(sorted(stems))}): their "
+                                 f"outputs would collide")
+            groups = [(i.stem, [str(i)]) for i in inputs]
+        else:
+            groups = [(args.split or (inputs[0].stem if inputs[0].suffix == ".tsv" else "all"), args.inputs)]
+        listed = [(split, listed_audio(paths)) for split, paths in groups]  # every input is checked first
         speech2unit = SpeechToUnits(args.kmeans, hubert=args.hubert, layer=args.layer, device=args.device,
                                     bf16=args.bf16, max_chunk=args.max_chunk)  # bad models fail before any output
-        progress = ShardProgress(Path(args.out), stem, suffixes, settings, args.overwrite)
-        started, seconds_before = time.perf_counter(), progress.state["seconds"]
-        bar = tqdm(total=len(entries), initial=progress.done, desc="speech2unit", unit=" file",
-                   disable=args.no_progress)
-        try:
-            for window in read_windows(entries[progress.done:], window_samples(args),
-                                       args.skip_bad):
-                good = [(entry, wav) for entry, wav in window if isinstance(wav, np.ndarray)]
-                labels = speech2unit.labels([wav for _, wav in good], batch_samples(args))
-                progress.append(len(window), unit_lines([e for e, _ in good], labels, args.dedup, args.durations),
-                                skipped=[[e.name, w.reason, str(w)] for e, w in window if isinstance(w, AudioError)],
-                                frames=sum(map(len, labels)), seconds=sum(len(w) for _, w in good) / SAMPLE_RATE)
-                bar.update(len(window))
-        except AudioError:
-            if progress.done:
-                logger.error("the %d files done are kept in %s: the same command goes on from there",
-                             progress.done, progress.dir)
-            raise
-        finally:
-            bar.close()
-        state = progress.state
-        progress.finish()
-        elapsed = time.perf_counter() - started
-        logger.info("%.1f s of audio in %.1f s: %.1f s of audio per second", state["seconds"] - seconds_before,
-                    elapsed, (state["seconds"] - seconds_before) / max(elapsed, 1e-9))
-        print(f"wrote {', '.join(map(str, progress.finals.values()))}: {state['utterances']} utterances, "
-              f"{state['seconds']:.1f} s of audio, {state['frames']} frames; " + skipped_report(state["skipped"]))
+        for split, entries in listed:
+            label_split(speech2unit, split, entries, args)
+
+
+def label_split(speech2unit: SpeechToUnits, split: str, entries: list[AudioEntry], args) -> None:
+    """Label this shard of `entries` into OUT/SPLIT.*, resuming a killed run of the same command."""
+    start, end = shard_range(len(entries), args.nshard, args.shard)
+    entries = entries[start:end]
+    stem = split if args.nshard == 1 else f"{split}_{args.shard}_{args.nshard}"
+    suffixes = ["km", "units", "names"] + (["dur"] if args.durations else [])
+    listing = "\n".join(f"{e.path}\t{e.num_samples}" for e in entries).encode("utf-8")
+    settings = {"inputs": hashlib.sha256(listing).hexdigest(), "files": len(entries),
+                "kmeans": str(Path(args.kmeans).resolve()), **feature_settings(args), "dedup": args.dedup,
+                "durations": args.durations}
+    progress = ShardProgress(Path(args.out), stem, suffixes, settings, args.overwrite)
+    started, seconds_before = time.perf_counter(), progress.state["seconds"]
+    bar = tqdm(total=len(entries), initial=progress.done, desc=f"speech2unit {split}", unit=" file",
+               disable=args.no_progress)
+    try:
+        for window in read_windows(entries[progress.done:], window_samples(args), args.skip_bad):
+            good = [(entry, wav) for entry, wav in window if isinstance(wav, np.ndarray)]
+            labels = speech2unit.labels([wav for _, wav in good], batch_samples(args))
+            progress.append(len(window), unit_lines([e for e, _ in good], labels, args.dedup, args.durations),
+                            skipped=[[e.name, w.reason, str(w)] for e, w in window if isinstance(w, AudioError)],
+                            frames=sum(map(len, labels)), seconds=sum(len(w) for _, w in good) / SAMPLE_RATE)
+            bar.update(len(window))
+    except AudioError:
+        if progress.done:
+            logger.error("the %d files done are kept in %s: the same command goes on from there",
+                         progress.done, progress.dir)
+        raise
+    finally:
+        bar.close()
+    state = progress.state
+    progress.finish()
+    elapsed = time.perf_counter() - started
+    logger.info("%.1f s of audio in %.1f s: %.1f s of audio per second", state["seconds"] - seconds_before,
+                elapsed, (state["seconds"] - seconds_before) / max(elapsed, 1e-9))
+    print(f"wrote {', '.join(map(str, progress.finals.values()))}: {state['utterances']} utterances, "
+          f"{state['seconds']:.1f} s of audio, {state['frames']} frames; " + skipped_report(state["skipped"]))
 
 
 def batch_samples(args) -> int:

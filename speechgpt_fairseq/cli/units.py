@@ -22,16 +22,17 @@ def load_vocabulary(spec: str | None, num_units: int | None) -> Vocabulary:
     return Vocabulary.from_tokenizer(path, num_units)
 
 
-def parse_splits(specs: list[str]) -> dict[str, str]:
-    """["train=a.km", ...] -> {"train": "a.km", ...}."""
-    splits = {}
+def parse_splits(specs: list[str]) -> dict[str, list[str]]:
+    """["train=a.km", "train=b.km", "valid=c.km"] -> {"train": ["a.km", "b.km"], "valid": ["c.km"]}: a split named
+    more than once is its files concatenated in order."""
+    splits: dict[str, list[str]] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise BinarizeError(f"{spec!r}: expected SPLIT=FILE, e.g. train=data/train.km")
-        if name in splits:
-            raise BinarizeError(f"split {name!r} is given twice")
-        splits[name] = path
+        if path in splits.get(name, []):
+            raise BinarizeError(f"{spec!r}: {path} is given twice for split {name!r}")
+        splits.setdefault(name, []).append(path)
     return splits
 
 
@@ -45,7 +46,8 @@ class PrepareUnits:
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("splits", nargs="+", metavar="SPLIT=FILE", help="e.g. train=train.km valid=valid.km")
+        p.add_argument("splits", nargs="+", metavar="SPLIT=FILE",
+                       help="e.g. train=train.km valid=valid.km; a split named twice concatenates its files")
         p.add_argument("--out", required=True, help="data directory to write (task.data)")
         p.add_argument("--vocab", default=None,
                        help="vocab.json or a directory holding one (convert-hf's output), or a tokenizer "

@@ -88,7 +88,7 @@ class IndexedDatasetWriter:
 
 @dataclass
 class SplitStats:
-    """What one input file gave: records written and lines skipped, by reason."""
+    """What the input files of one split gave: records written and lines skipped, by reason."""
 
     path: str
     records: int = 0
@@ -148,28 +148,32 @@ def write_split(records: Iterable[tuple[list[int], ...]], channels: list[tuple[s
     stats.records, stats.tokens = writers[0].num_records, writers[0].num_tokens
 
 
-def binarize_splits(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabulary, read: ReadSplit,
+def binarize_splits(splits: dict[str, str | list[str]], out: str | os.PathLike, vocab: Vocabulary, read: ReadSplit,
                     channels: ChannelsOf, what: str = "records", show_progress: bool = True) -> list[SplitStats]:
-    """Binarize each input file with `read(name, path, stats)` into the channels `channels(scratch, name)`
-    names, then `vocab.json`; all of it lands in `out` together, or none of it."""
+    """Binarize the input file (or files, in order) of each split with `read(name, path, stats)` into the channels
+    `channels(scratch, name)` names, then `vocab.json`; all of it lands in `out` together, or none of it."""
     from tqdm import tqdm
 
     results = []
     with atomic_files_into(out) as scratch:
         vocab.save(scratch / VOCAB_FILE)
-        for name, path in splits.items():
-            if not Path(path).is_file():
-                raise BinarizeError(f"{path}: no such file (split {name!r})")
-            stats = SplitStats(str(path))
-            with tqdm(desc=f"{name} ({Path(path).name})", unit=f" {what}", disable=not show_progress) as bar:
-                write_split(read(name, path, stats), channels(scratch, name), stats, progress=bar)
+        for name, paths in splits.items():
+            paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+            for path in paths:
+                if not Path(path).is_file():
+                    raise BinarizeError(f"{path}: no such file (split {name!r})")
+            stats = SplitStats(", ".join(map(str, paths)))
+            records = (record for path in paths for record in read(name, path, stats))
+            with tqdm(desc=f"{name} ({', '.join(Path(p).name for p in paths)})", unit=f" {what}",
+                      disable=not show_progress) as bar:
+                write_split(records, channels(scratch, name), stats, progress=bar)
             if stats.records == 0:
-                raise BinarizeError(f"{path}: no {what} (split {name!r})")
+                raise BinarizeError(f"{stats.path}: no {what} (split {name!r})")
             results.append(stats)
     return results
 
 
-def prepare_units(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabulary,
+def prepare_units(splits: dict[str, str | list[str]], out: str | os.PathLike, vocab: Vocabulary,
                   open_splits: Iterable[str] = (), show_progress: bool = True) -> list[SplitStats]:
     """Binarize units files into `out` (one `name.bin/.idx` per split) with `vocab.json` beside them."""
     open_splits = set(open_splits)

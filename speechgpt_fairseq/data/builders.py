@@ -2,7 +2,8 @@
 
 Cross-modal (stage 2): each (units, transcript) pair becomes an ASR example (instruction from `asr.txt`, input
 the unit string, output the transcript) with probability `asr_prob`, else a TTS example (instruction from
-`tts.txt`, input the transcript, output the unit string). Chain-of-modality (stage 3): each record of
+`tts.txt`, input the transcript, output the unit string). Text instructions (stage 2's text part): each (instruction, optional input, output) record becomes one example
+without speech. Chain-of-modality (stage 3): each record of
 (text_i, text_r, units_i, units_r) becomes one of the four formats, drawn with the weights of a mix among the
 formats its fields allow. Both are seeded: the same input and seed give the same file.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from speechgpt_fairseq.atomic_files import atomic_file
-from speechgpt_fairseq.data.prompts import COM_FORMATS, Example, chain_of_modality, cross_modal
+from speechgpt_fairseq.data.prompts import COM_FORMATS, Example, chain_of_modality, cross_modal, text_instruction
 from speechgpt_fairseq.speech.units import (UnitFormatError, dedup_units, detect_unit_format, format_kmeans_labels,
                                             format_unit_string, parse_kmeans_labels, parse_unit_string)
 
@@ -295,6 +296,21 @@ def cross_modal_examples(records: Iterable[Record], asr_templates: list[str], tt
             yield Example(prefix, cross_modal(rng.choice(tts_templates), text, units))
 
 
+def text_instruction_examples(records: Iterable[Record], stats: BuildStats, prefix: str = "") -> Iterator[Example]:
+    """A text-only instruction example for every good (instruction, optional input, output) record."""
+    for record in records:
+        try:
+            instruction = _text(*record["instruction"], empty_reason="empty instruction")
+            output = _text(*record["output"], empty_reason="empty output")
+            given = record.get("input")  # Alpaca-style data writes "" for no input
+            input = _text(*given, empty_reason="empty input") if given and given[1] != "" else ""
+        except BadRecord as bad:
+            stats.reject(bad)
+            continue
+        stats.wrote("text")
+        yield Example(prefix, text_instruction(instruction, output, input))
+
+
 def parse_mix(spec: str) -> dict[str, float]:
     """`s2s=0.4,t2t=0.6` -> weights for the four CoM formats (unnamed ones weigh 0), normalised to sum 1."""
     weights = dict.fromkeys(COM_FORMATS, 0.0)
@@ -378,6 +394,17 @@ def build_cross_modal(out: str | os.PathLike, *, units: str | os.PathLike | None
                                     asr_templates or shipped_templates("asr"),
                                     tts_templates or shipped_templates("tts"), stats, **options)
     write_examples(examples, out, stats)
+    return stats
+
+
+def build_text_instructions(manifest: str | os.PathLike, out: str | os.PathLike, skip_bad: bool = False,
+                            show_progress: bool = True, prefix: str = "") -> BuildStats:
+    """Build text-only instruction data (stage 2's text part) from JSON lines with `instruction`, `output` and an
+    optional `input`, as Alpaca-style data sets have them."""
+    stats = BuildStats(skip_bad=skip_bad)
+    records = read_jsonl(manifest, ("instruction", "output"), ("input",), stats)
+    write_examples(text_instruction_examples(_progress(records, Path(manifest).name, show_progress), stats, prefix),
+                   out, stats)
     return stats
 
 

@@ -89,7 +89,7 @@ def parse_line(line: str) -> Example:
     return Example(record["prefix"], record["plain_text"])
 
 
-def prepare_instructions(splits: dict[str, str], out: str | os.PathLike, vocab: Vocabulary, skip_bad: bool = False,
+def prepare_instructions(splits: dict[str, str | list[str]], out: str | os.PathLike, vocab: Vocabulary, skip_bad: bool = False,
                          show_progress: bool = True) -> list[SplitStats]:
     """Binarize JSON-lines files into `out`: NAME.bin/.idx (tokens), NAME.seg.bin/.idx (segments), vocab.json."""
     return binarize_splits(

@@ -5,6 +5,10 @@ text, `plain_text` one exchange. Cross-modal (stage 2):
 
     [Human]: {instruction} This is input: {input}<eoh> [SpeechGPT]: {output}<eoa>
 
+Text-only instructions, mixed into stage 2 as SpeechGPT mixes text instruction data, drop the input part:
+
+    [Human]: {instruction}<eoh> [SpeechGPT]: {output}<eoa>
+
 Chain-of-modality (stage 3), four formats by the modality of instruction and response (S: speech, T: text):
 
     s2s  [Human]: {SpeechI}<eoh>. [SpeechGPT]: {TextI}; [ta] {TextR}; [ua] {SpeechR}<eoa>.
@@ -56,7 +60,20 @@ class Example:
 
 def cross_modal(instruction: str, input: str, output: str) -> str:
     """The plain_text of a cross-modal (ASR/TTS) example."""
-    return f"{HUMAN}: {instruction} This is input: {input}{EOH} {ASSISTANT_TURN} {output}{EOA}"
+    return text_instruction(instruction, output, input)
+
+
+def text_instruction(instruction: str, output: str, input: str = "") -> str:
+    """The plain_text of an instruction in stage 2's format; without an input (text-only instruction data such
+    as Alpaca's) the ` This is input: ` part is left out."""
+    return f"{instruction_prompt(instruction, input)} {output}{EOA}"
+
+
+def instruction_prompt(instruction: str, input: str = "") -> str:
+    """The prompt of an instruction in stage 2's format, up to and including `[SpeechGPT]:`: what a model answers
+    (an ASR prompt is an ASR instruction with a unit string as its input)."""
+    human = f"{instruction} This is input: {input}" if input else instruction
+    return f"{HUMAN}: {human}{EOH} {ASSISTANT_TURN}"
 
 
 def chain_of_modality(fmt: str, text_i: str, text_r: str, speech_i: list[int] | None = None,

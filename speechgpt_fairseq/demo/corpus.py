@@ -1,17 +1,23 @@
-"""The demo's spoken corpus: grammar sentences and question/answer pairs spoken by espeak-ng, as audio files
-with fairseq manifests, transcripts and a tokenizer; the units come later, from speech2unit.
+"""The demo's spoken corpus: sentences and questions about the demo's world (world.py) spoken by espeak-ng, the
+world's knowledge as text instructions, and a tokenizer; the units come later, from speech2unit.
 
-    OUT/wav/00042.wav                  a sentence (espeak-ng's 22050 Hz; speech2unit resamples)
-    OUT/{train,valid,test}.tsv         fairseq audio manifests of the sentences (root, then path<TAB>samples)
-    OUT/{train,valid,test}.wrd         their transcripts, line-aligned with the manifests
-    OUT/qa/00007_q.wav, 00007_a.wav    a spoken question and its spoken answer
-    OUT/qa_{split}.jsonl               {"text_i": question, "text_r": answer}, one per pair
-    OUT/qa_{split}_questions.tsv       manifests of the spoken questions and answers, line-aligned with the
-    OUT/qa_{split}_answers.tsv         .jsonl (speech2unit's output on them fills build-com's --units-i/-r)
-    OUT/tokenizer.model                a LLaMA-style sentencepiece model of all the text and prompt markup
+    OUT/wav/00042.wav, 00042_a.wav   sentence 42 in a voice and rate drawn for it, and in the assistant's voice
+    OUT/{train,valid,test}.tsv       fairseq audio manifests of the sentences in drawn voices (ASR inputs, stage 1)
+    OUT/{split}_assistant.tsv        the same sentences in the assistant's voice (TTS targets)
+    OUT/{split}.wrd                  their transcripts, line-aligned with both manifests
+    OUT/say_{split}.jsonl            {"text_i": "say SENTENCE", "text_r": SENTENCE}, line-aligned likewise: text
+                                     instructions answered in speech (the assistant's rendition), for stage 3
+    OUT/qa/test_q0007.wav            a spoken question of a split (a drawn voice and rate)
+    OUT/qa/a0012.wav                 a spoken answer (the assistant's voice), one per distinct question
+    OUT/qa_{split}.jsonl             {"text_i": question, "text_r": answer, "person", "relation"}, one per spoken
+                                     question: every question of the split, spoken several times
+    OUT/qa_{split}_questions.tsv     manifests of the spoken questions and answers, line-aligned with the .jsonl
+    OUT/qa_{split}_answers.tsv       (speech2unit's output on them fills build-com's --units-i/-r)
+    OUT/knowledge.jsonl              {"instruction", "output"}: the text instructions that teach the world
+    OUT/tokenizer.model              a LLaMA-style sentencepiece model of all the text and prompt markup
 
-Sentences are split into train / valid / test before synthesis, so a held-out sentence never occurs in train;
-no question is in two splits. Everything is seeded.
+Sentences are split into train / valid / test before synthesis, so a held-out sentence is never heard in
+training; questions are split as world.py says. Everything is seeded.
 """
 from __future__ import annotations
 
@@ -26,10 +32,9 @@ import soundfile as sf
 from tqdm import tqdm
 
 from speechgpt_fairseq.atomic_files import atomic_dir
-from speechgpt_fairseq.demo.grammar import RATES, VOICES, make_world, qa_stream, sample_qa, sample_sentences
 from speechgpt_fairseq.demo.tokenizer import tokenizer_text, train_tokenizer
-
-SPLITS = ("train", "valid", "test")
+from speechgpt_fairseq.demo.world import (ASSISTANT_RATE, ASSISTANT_VOICE, RATES, SAY, SPLITS, VOICES, make_world,
+                                          sample_sentences)
 
 
 @dataclass(frozen=True)
@@ -50,25 +55,33 @@ def speak(utterance: Utterance, root: Path) -> int:
     return sf.info(path).frames
 
 
-def make_corpus(out: str | Path, sentences: tuple[int, int, int] = (2000, 200, 100),
-                pairs: tuple[int, int, int] = (1500, 150, 100), seed: int = 1, vocab_size: int = 1000,
+def make_corpus(out: str | Path, sentences: tuple[int, int, int] = (3000, 200, 100),
+                renditions: tuple[int, int, int] = (8, 2, 2), seed: int = 1, vocab_size: int = 1000,
                 workers: int = 2, overwrite: bool = False, show_progress: bool = True) -> dict:
-    """Write the corpus to `out` (whole or not at all); returns the counts per split."""
+    """Write the corpus to `out` (whole or not at all): `sentences` per split, and every question of a split
+    spoken `renditions` times in drawn voices and rates. Returns the counts per split."""
     out = Path(out).absolute()
     rng = random.Random(seed)
     texts = sample_sentences(sum(sentences), rng)
-    spoken = [Utterance(f"wav/{i:05d}.wav", t, rng.choice(VOICES), rng.choice(RATES)) for i, t in enumerate(texts)]
-    qa_rng = qa_stream(seed)  # a stream of its own: the sentences do not depend on the pairs
-    qa = sample_qa(sum(pairs), make_world(qa_rng), qa_rng)
-    questions = [Utterance(f"qa/{k:05d}_q.wav", q, qa_rng.choice(VOICES), qa_rng.choice(RATES))
-                 for k, (q, _) in enumerate(qa)]
-    answers = [Utterance(f"qa/{k:05d}_a.wav", a, qa_rng.choice(VOICES), qa_rng.choice(RATES))
-               for k, (_, a) in enumerate(qa)]
+    drawn = [Utterance(f"wav/{i:05d}.wav", t, rng.choice(VOICES), rng.choice(RATES)) for i, t in enumerate(texts)]
+    assistant = [Utterance(f"wav/{i:05d}_a.wav", t, ASSISTANT_VOICE, ASSISTANT_RATE) for i, t in enumerate(texts)]
+    qa_rng = random.Random(f"qa-{seed}")  # a stream of its own: the sentences do not depend on the world
+    world = make_world(qa_rng)
+    questions = {split: world.questions(split) for split in SPLITS}
+    answers = {q: Utterance(f"qa/a{k:04d}.wav", q.answer, ASSISTANT_VOICE, ASSISTANT_RATE)
+               for k, q in enumerate(world.questions())}
+    spoken = {split: [] for split in SPLITS}  # (question, its spoken rendition) in order
+    for split, n in zip(SPLITS, renditions):
+        for _ in range(n):
+            for q in questions[split]:
+                spoken[split].append((q, Utterance(f"qa/{split}_q{len(spoken[split]):04d}.wav", q.text,
+                                                   qa_rng.choice(VOICES), qa_rng.choice(RATES))))
+    knowledge = world.knowledge()
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "wav").mkdir()
         (tmp / "qa").mkdir()
-        jobs = spoken + questions + answers
+        jobs = [*drawn, *assistant, *answers.values(), *(u for split in SPLITS for _, u in spoken[split])]
         with ThreadPoolExecutor(workers) as pool:
             samples = list(tqdm(pool.map(lambda u: speak(u, tmp), jobs), total=len(jobs), desc="espeak-ng",
                                 unit=" utt", disable=not show_progress))
@@ -79,16 +92,26 @@ def make_corpus(out: str | Path, sentences: tuple[int, int, int] = (2000, 200, 1
             (tmp / name).write_text("\n".join(lines) + "\n")
 
         for split, (a, b) in zip(SPLITS, _bounds(sentences)):
-            manifest(f"{split}.tsv", spoken[a:b])
-            (tmp / f"{split}.wrd").write_text("".join(u.text + "\n" for u in spoken[a:b]))
-        for split, (a, b) in zip(SPLITS, _bounds(pairs)):
-            manifest(f"qa_{split}_questions.tsv", questions[a:b])
-            manifest(f"qa_{split}_answers.tsv", answers[a:b])
-            (tmp / f"qa_{split}.jsonl").write_text(
-                "".join(json.dumps({"text_i": q, "text_r": r}) + "\n" for q, r in qa[a:b]))
-        (tmp / "tokenizer.model").write_bytes(train_tokenizer(tokenizer_text(texts, qa), vocab_size, seed))
-    return {"sentences": dict(zip(SPLITS, sentences)), "pairs": dict(zip(SPLITS, pairs)),
-            "seconds": sum(samples) / sf.info(out / spoken[0].path).samplerate}
+            manifest(f"{split}.tsv", drawn[a:b])
+            manifest(f"{split}_assistant.tsv", assistant[a:b])
+            (tmp / f"{split}.wrd").write_text("".join(u.text + "\n" for u in drawn[a:b]))
+            (tmp / f"say_{split}.jsonl").write_text("".join(
+                json.dumps({"text_i": SAY.format(sentence=u.text), "text_r": u.text}) + "\n" for u in drawn[a:b]))
+        for split in SPLITS:
+            manifest(f"qa_{split}_questions.tsv", [u for _, u in spoken[split]])
+            manifest(f"qa_{split}_answers.tsv", [answers[q] for q, _ in spoken[split]])
+            (tmp / f"qa_{split}.jsonl").write_text("".join(
+                json.dumps({"text_i": q.text, "text_r": q.answer, "person": q.person, "relation": q.relation}) + "\n"
+                for q, _ in spoken[split]))
+        (tmp / "knowledge.jsonl").write_text(
+            "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in knowledge))
+        pairs = [(q.text, q.answer) for q in world.questions()] + knowledge + [(SAY.format(sentence=t), t) for t in texts]
+        (tmp / "tokenizer.model").write_bytes(train_tokenizer(tokenizer_text(texts, pairs), vocab_size, seed))
+    return {"sentences": dict(zip(SPLITS, sentences)),
+            "questions": {split: len(questions[split]) for split in SPLITS},
+            "spoken questions": {split: len(spoken[split]) for split in SPLITS},
+            "knowledge": len(knowledge),
+            "seconds": sum(samples) / sf.info(out / drawn[0].path).samplerate}
 
 
 def _bounds(counts: tuple[int, int, int]) -> list[tuple[int, int]]:

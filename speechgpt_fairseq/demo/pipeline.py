@@ -24,6 +24,7 @@ import speechgpt_fairseq
 
 SPLITS = ("train", "valid", "test")
 NUM_UNITS = 100
+STAGE2_SOURCES = ("asr", "tts", "text")  # stage 2's training sources, weighed by task.mix in the configs
 
 
 class DemoError(ValueError):
@@ -34,15 +35,15 @@ class DemoError(ValueError):
 class Sizes:
     """How big the demo is: the full run (the README's) or the quick one the tests run."""
 
-    sentences: tuple[int, int, int] = (6000, 300, 100)
-    pairs: tuple[int, int, int] = (3000, 150, 100)
-    updates: dict[str, int] = field(default_factory=lambda: {"stage1": 600, "stage2": 1600, "stage3": 900})
+    sentences: tuple[int, int, int] = (3000, 200, 100)
+    renditions: tuple[int, int, int] = (8, 2, 2)  # times each question is spoken, per split
+    updates: dict[str, int] = field(default_factory=lambda: {"stage1": 300, "stage2": 1600, "stage3": 600})
     vocab_size: int = 1000
-    max_new_tokens: int = 400  # a spoken answer of the corpus is about 100 units after merging repeats
+    max_new_tokens: int = 300  # the longest spoken answer of the corpus is about 120 units after merging repeats
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(sentences=(150, 20, 10), pairs=(120, 12, 6),
+        return cls(sentences=(150, 20, 10), renditions=(1, 1, 1),
                    updates={"stage1": 6, "stage2": 6, "stage3": 6}, vocab_size=400, max_new_tokens=40)
 
 
@@ -88,7 +89,7 @@ class DemoPipeline:
     def corpus_steps(self) -> list[Step]:
         s = self.sizes
         return [Step("corpus", ["speechgpt", "make-corpus", "--out", self.path("corpus"), "--no-progress",
-                                "--sentences", *map(str, s.sentences), "--pairs", *map(str, s.pairs),
+                                "--sentences", *map(str, s.sentences), "--renditions", *map(str, s.renditions),
                                 "--vocab-size", str(s.vocab_size), "--seed", str(self.seed),
                                 "--workers", str(self.workers), "--overwrite"])]
 
@@ -96,50 +97,70 @@ class DemoPipeline:
         return ["--hubert", self.hubert, "--layer", str(self.layer)] if self.hubert else []
 
     def manifests(self) -> list[str]:
-        return [*SPLITS, *(f"qa_{split}_{kind}" for split in SPLITS for kind in ("questions", "answers"))]
+        return [*SPLITS, *(f"{split}_assistant" for split in SPLITS),
+                *(f"qa_{split}_{kind}" for split in SPLITS for kind in ("questions", "answers"))]
 
     def unit_steps(self) -> list[Step]:
         kmeans = self.path("units", "kmeans.bin")
         steps = [Step("kmeans", ["speechgpt", "learn-kmeans", self.path("corpus", "train.tsv"), *self.features(),
                                  "--n-clusters", str(NUM_UNITS), "--percent", "0.1", "--seed", str(self.seed),
                                  "--out", kmeans, "--overwrite", "--no-progress"])]
-        steps.append(Step("vocoder", ["speechgpt", "fit-exemplar-vocoder", self.path("corpus", "train.tsv"),
+        # the vocoder speaks the model's answers, which imitate the assistant's voice: fitted on that voice
+        steps.append(Step("vocoder", ["speechgpt", "fit-exemplar-vocoder", self.path("corpus", "train_assistant.tsv"),
                                       *self.features(), "--kmeans", kmeans, "--max-files", "500",
                                       "--out", self.path("units", "vocoder.npz"), "--no-progress"]))
-        for name in self.manifests():
-            steps.append(Step(f"units-{name}", [
-                "speechgpt", "speech2unit", self.path("corpus", f"{name}.tsv"), *self.features(), "--kmeans", kmeans,
-                "--out", self.path("units"), "--overwrite", "--no-progress"]))
+        manifests = [self.path("corpus", f"{name}.tsv") for name in self.manifests()]
+        steps.append(Step("units", ["speechgpt", "speech2unit", *manifests, "--each", *self.features(),
+                                    "--kmeans", kmeans, "--out", self.path("units"), "--overwrite", "--no-progress"]))
         return steps
 
     def data_steps(self) -> list[Step]:
         vocab = ["--vocab", self.path("corpus", "tokenizer.model"), "--num-units", str(NUM_UNITS)]
         steps = [Step("stage1-data", ["speechgpt", "prepare-units", *vocab, "--out", self.path("stage1", "data-bin"),
                                       "--no-progress", *(f"{s}={self.units(s)}" for s in ("train", "valid"))])]
+        # stage 2: speech recognition of the sentences in drawn voices, synthesis in the assistant's voice, and
+        # the world's knowledge as text instructions
         for split in SPLITS:
-            steps.append(Step(f"stage2-{split}", [
-                "speechgpt", "build-cross-modal", "--units", self.units(split), "--text",
-                self.path("corpus", f"{split}.wrd"), "--num-units", str(NUM_UNITS), "--seed", str(self.seed),
-                "--out", self.path("stage2", f"cm_{split}.jsonl"), "--no-progress"]))
-        steps.append(Step("stage2-data", ["speechgpt", "prepare-sft", *vocab, "--out", self.path("stage2", "data-bin"),
-                                          "--no-progress",
-                                          *(f"{s}={self.path('stage2', f'cm_{s}.jsonl')}" for s in SPLITS)]))
-        for split in SPLITS:
-            # held-out questions are all spoken and answered in speech: the chain of modality in full
-            mix = ["--mix", "s2s=1"] if split == "test" else []
-            steps.append(Step(f"stage3-{split}", [
-                "speechgpt", "build-com", "--manifest", self.path("corpus", f"qa_{split}.jsonl"),
-                "--units-i", self.units(f"qa_{split}_questions"), "--units-r", self.units(f"qa_{split}_answers"),
-                *mix, "--num-units", str(NUM_UNITS), "--seed", str(self.seed),
-                "--out", self.path("stage3", f"com_{split}.jsonl"), "--no-progress"]))
-        steps.append(Step("stage3-data", ["speechgpt", "prepare-sft", *vocab, "--out", self.path("stage3", "data-bin"),
-                                          "--no-progress",
-                                          *(f"{s}={self.path('stage3', f'com_{s}.jsonl')}" for s in SPLITS)]))
+            for task, units, asr_prob in (("asr", self.units(split), "1"), ("tts", self.units(f"{split}_assistant"), "0")):
+                steps.append(Step(f"stage2-{task}-{split}", [
+                    "speechgpt", "build-cross-modal", "--units", units, "--text", self.path("corpus", f"{split}.wrd"),
+                    "--asr-prob", asr_prob, "--num-units", str(NUM_UNITS), "--seed", str(self.seed),
+                    "--out", self.stage2_file(task, split), "--no-progress"]))
+        steps.append(Step("stage2-text", ["speechgpt", "build-text-instructions", "--manifest",
+                                          self.path("corpus", "knowledge.jsonl"),
+                                          "--out", self.stage2_file("text", "train"), "--no-progress"]))
+        steps.append(Step("stage2-data", [
+            "speechgpt", "prepare-sft", *vocab, "--out", self.path("stage2", "data-bin"), "--no-progress",
+            *(f"{source}={self.stage2_file(source, 'train')}" for source in STAGE2_SOURCES),
+            *(f"{split}={self.stage2_file(task, split)}" for split in ("valid", "test") for task in ("asr", "tts"))]))
+        # stage 3: the training questions in every format, "say SENTENCE" answered in speech, and stage 2's data
+        # again (rehearsed, so that the knowledge, recognition and synthesis it taught are kept); the held-out
+        # questions spoken (s2s) and typed (t2t)
+        com = {"com": ("qa_train", None), "say": ("say_train", "t2s"), "valid": ("qa_valid", "s2s"),
+               "test": ("qa_test", "s2s"), "test_typed": ("qa_test", "t2t")}
+        for name, (manifest, fmt) in com.items():
+            split = manifest.split("_")[1]
+            units = (["--units-r", self.units(f"{split}_assistant")] if manifest.startswith("say") else
+                     ["--units-i", self.units(f"qa_{split}_questions"), "--units-r", self.units(f"qa_{split}_answers")])
+            steps.append(Step(f"stage3-{name}", [
+                "speechgpt", "build-com", "--manifest", self.path("corpus", f"{manifest}.jsonl"), *units,
+                *(["--mix", f"{fmt}=1"] if fmt else []), "--num-units", str(NUM_UNITS), "--seed", str(self.seed),
+                "--out", self.stage3_file(name), "--no-progress"]))
+        steps.append(Step("stage3-data", [
+            "speechgpt", "prepare-sft", *vocab, "--out", self.path("stage3", "data-bin"), "--no-progress",
+            *(f"{name}={self.stage3_file(name)}" for name in com),
+            *(f"{source}={self.stage2_file(source, 'train')}" for source in STAGE2_SOURCES)]))
         return steps
 
     def units(self, manifest: str) -> str:
         """speech2unit's SpeechGPT unit strings (repeats merged) of a manifest."""
         return self.path("units", f"{manifest}.units")
+
+    def stage2_file(self, source: str, split: str) -> str:
+        return self.path("stage2", f"{source}_{split}.jsonl")
+
+    def stage3_file(self, name: str) -> str:
+        return self.path("stage3", f"com_{name}.jsonl")
 
     def checkpoint(self, stage: str, trained: bool = True) -> str:
         return self.path(stage if trained else "untrained", *(() if trained else (stage,)), "checkpoints",
@@ -148,7 +169,7 @@ class DemoPipeline:
     def train(self, stage: str, trained: bool = True, start: str | None = None) -> Step:
         updates = self.sizes.updates[stage] if trained else 1
         argv = ["fairseq-hydra-train", "--config-dir", str(self.config_dir), "--config-name", stage,
-                f"task.data={self.path(stage, 'data-bin')}",
+                f"task.data={self.path(stage, 'data-bin')}", f"common.user_dir={self.user_dir()}",
                 f"checkpoint.save_dir={Path(self.checkpoint(stage, trained)).parent}",
                 f"optimization.max_update={updates}", f"checkpoint.save_interval_updates={updates}",
                 f"dataset.validate_interval_updates={max(1, updates // 8) if trained else 1}"]
@@ -161,36 +182,43 @@ class DemoPipeline:
     def training_steps(self) -> list[Step]:
         return [self.train("stage1"), self.train("stage2", start=self.checkpoint("stage1")),
                 self.train("stage3", start=self.checkpoint("stage2")),
-                self.train("stage2", trained=False), self.train("stage3", trained=False)]
+                *(self.train(stage, trained=False) for stage in ("stage1", "stage2", "stage3"))]
 
     def user_dir(self) -> str:
-        """The --user-dir shim fairseq-generate needs (the training configs name it themselves)."""
+        """The --user-dir shim of this clone (given to every fairseq command, so that copied configs work too)."""
         return str(Path(speechgpt_fairseq.__file__).resolve().parents[1] / "user_dir")
 
-    def generation(self, stage: str, trained: bool) -> str:
-        return self.path(stage if trained else "untrained", *(() if trained else (stage,)), "generate-test.txt")
+    def generation(self, stage: str, trained: bool, subset: str = "test") -> str:
+        return self.path(stage if trained else "untrained", *(() if trained else (stage,)), f"generate-{subset}.txt")
 
     def evaluation_steps(self) -> list[Step]:
         steps = []
-        for stage, task in (("stage2", "cross_modal_sft"), ("stage3", "com_sft")):
+        for stage, task, subset in (("stage2", "cross_modal_sft", "test"), ("stage3", "com_sft", "test"),
+                                    ("stage3", "com_sft", "test_typed")):
             for trained in (True, False):
-                gen = self.generation(stage, trained)
-                label = stage if trained else f"untrained-{stage}"
+                gen = Path(self.generation(stage, trained, subset))
+                label = f"{stage}-{subset}" if trained else f"untrained-{stage}-{subset}"
                 steps.append(Step(f"generate-{label}", [
                     "fairseq-generate", self.path(stage, "data-bin"), "--user-dir", self.user_dir(), "--task", task,
-                    "--path", self.checkpoint(stage, trained), "--gen-subset", "test", "--beam", "1",
+                    "--path", self.checkpoint(stage, trained), "--gen-subset", subset, "--beam", "1",
                     "--max-len-a", "1", "--max-len-b", str(self.sizes.max_new_tokens), "--batch-size", "32",
-                    "--results-path", str(Path(gen).parent)]))
+                    "--results-path", str(gen.parent)]))
                 steps.append(Step(f"score-{label}", [
-                    "speechgpt", "score", gen, "--out", str(Path(gen).with_name("scores.jsonl")),
-                    "--summary", str(Path(gen).with_name("summary.json"))]))
+                    "speechgpt", "score", str(gen), "--out", str(gen.with_name(f"scores-{subset}.jsonl")),
+                    "--summary", str(gen.with_name(f"summary-{subset}.json"))]))
+        for trained in (True, False):  # the spoken answers, transcribed by the same model's stage-2 ASR
+            gen = Path(self.generation("stage3", trained))
+            steps.append(Step("round-trip" if trained else "untrained-round-trip", [
+                "speechgpt", "round-trip", str(gen), "--model", self.checkpoint("stage2", trained),
+                "--out", str(gen.with_name("roundtrip-test.jsonl")),
+                "--summary", str(gen.with_name("roundtrip-test.json")), "--no-progress"]))
         return steps
 
     def chat_step(self) -> Step:
-        """One spoken chat turn: the first held-out question (pairs are numbered train, valid, then test)."""
-        question = self.path("corpus", "qa", f"{sum(self.sizes.pairs[:2]):05d}_q.wav")
+        """One spoken chat turn: the first held-out spoken question."""
         return Step("chat", ["speechgpt", "chat", "--model", self.checkpoint("stage3"), "--kmeans",
-                             self.path("units", "kmeans.bin"), *self.features(), "--message", question,
+                             self.path("units", "kmeans.bin"), *self.features(),
+                             "--message", self.path("corpus", "qa", "test_q0000.wav"),
                              "--vocoder", self.path("units", "vocoder.npz"), "--greedy",
                              "--max-new-tokens", str(self.sizes.max_new_tokens), "--json",
                              "--out", self.path("report")])

@@ -6,8 +6,9 @@ from speechgpt_fairseq.cli.main import VERBS, build_parser
 
 
 def test_verbs():
-    assert sorted(VERBS) == ["build-com", "build-cross-modal", "chat", "convert-hf", "demo", "export-hf",
-                             "fit-exemplar-vocoder", "import-peft", "learn-kmeans", "make-corpus", "prepare-sft", "prepare-units", "score", "speech2unit", "t2u-export",
+    assert sorted(VERBS) == ["build-com", "build-cross-modal", "build-text-instructions", "chat", "convert-hf", "demo",
+                             "export-hf", "fit-exemplar-vocoder", "import-peft", "learn-kmeans", "make-corpus",
+                             "prepare-sft", "prepare-units", "round-trip", "score", "speech2unit", "t2u-export",
                              "t2u-import", "unit2speech"]
 
 
@@ -32,6 +33,7 @@ def test_registered_fairseq_names():
     ("build-cross-modal", {"--units", "--text", "--manifest", "--asr-prob", "--asr-templates", "--tts-templates",
                            "--out", "--seed", "--dedup", "--no-dedup", "--prefix", "--num-units", "--skip-bad",
                            "--no-progress"}),
+    ("build-text-instructions", {"--manifest", "--out", "--prefix", "--skip-bad", "--no-progress"}),
     ("convert-hf", {"--num-units", "--overwrite"}),
     ("export-hf", {"--max-shard-size", "--overwrite"}),
     ("import-peft", {"--adapter", "--merge", "--overwrite"}),
@@ -42,15 +44,17 @@ def test_registered_fairseq_names():
     ("prepare-units", {"--out", "--vocab", "--num-units", "--open", "--no-progress"}),
     ("prepare-sft", {"--out", "--vocab", "--num-units", "--skip-bad", "--no-progress"}),
     ("score", {"--out", "--summary", "--keep-case", "--keep-punct"}),
+    ("round-trip", {"--out", "--summary", "--keep-case", "--keep-punct", "--model", "--instruction", "--batch-size",
+                    "--max-new-tokens", "--device", "--no-progress"}),
     ("chat", {"--model", "--message", "--kmeans", "--hubert", "--layer", "--vocoder", "--vocoder-config", "--speaker",
               "--out", "--text-only", "--system", "--greedy", "--temperature", "--top-k", "--top-p", "--seed",
               "--max-new-tokens", "--device", "--bf16", "--json"}),
     ("demo", {"--out", "--hubert", "--layer", "--quick", "--config-dir", "--workers"}),
-    ("make-corpus", {"--out", "--sentences", "--pairs", "--vocab-size", "--seed", "--workers", "--overwrite",
+    ("make-corpus", {"--out", "--sentences", "--renditions", "--vocab-size", "--seed", "--workers", "--overwrite",
                      "--no-progress"}),
     ("fit-exemplar-vocoder", {"--kmeans", "--hubert", "--layer", "--max-files", "--out", "--no-progress"}),
     ("speech2unit", {"--hubert", "--layer", "--max-chunk", "--max-batch-samples", "--device", "--bf16", "--skip-bad",
-                     "--overwrite", "--no-progress", "--kmeans", "--out", "--split", "--dedup", "--no-dedup",
+                     "--overwrite", "--no-progress", "--kmeans", "--out", "--split", "--each", "--dedup", "--no-dedup",
                      "--durations", "--shard", "--nshard"}),
     ("t2u-export", {"--text", "--units", "--out", "--dedup", "--no-dedup", "--keep-case", "--num-units", "--skip-bad",
                     "--no-progress"}),

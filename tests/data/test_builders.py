@@ -1,4 +1,4 @@
-"""build-cross-modal and build-com: the shipped instructions, the documented line format, seeded mixes, every
+"""build-cross-modal, build-text-instructions and build-com: the shipped instructions, the documented line format, seeded mixes, every
 input layout giving the same file, and bad input named by file and line with nothing written."""
 import json
 import random
@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from speechgpt_fairseq.data.builders import (TEMPLATES_DIR, BuildError, build_com, build_cross_modal, load_templates,
-                                             parse_mix, shipped_templates)
+from speechgpt_fairseq.data.builders import (TEMPLATES_DIR, BuildError, build_com, build_cross_modal,
+                                             build_text_instructions, load_templates, parse_mix, shipped_templates)
 from speechgpt_fairseq.data.prompts import chain_of_modality, parse_response, split_turn
 from speechgpt_fairseq.speech.units import dedup_units, format_kmeans_labels, format_unit_string
 
@@ -446,3 +446,33 @@ def test_build_com_reads_units_from_aligned_files(tmp_path):
         build_com(tmp_path / "texts.jsonl", tmp_path / "x.jsonl", mix="s2s=1", num_units=K,
                   units_i=tmp_path / "long.km", units_r=tmp_path / "a.km")
     assert not (tmp_path / "x.jsonl").exists()
+
+
+# ---- text instructions ---------------------------------------------------------------------------------------
+
+def test_text_instructions_are_stage_two_exchanges_without_speech(tmp_path):
+    records = [{"instruction": "where does anna live", "output": "anna lives in rome"},
+               {"instruction": "Translate to French.", "input": "good morning", "output": "bonjour"},
+               {"instruction": "Name a colour.", "input": "", "output": "red"}]  # Alpaca writes "" for no input
+    stats = build_text_instructions(write_jsonl(tmp_path / "in.jsonl", records), tmp_path / "out.jsonl",
+                                    show_progress=False, prefix="SYS ")
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [x["plain_text"] for x in lines] == [
+        "[Human]: where does anna live<eoh> [SpeechGPT]: anna lives in rome<eoa>",
+        "[Human]: Translate to French. This is input: good morning<eoh> [SpeechGPT]: bonjour<eoa>",
+        "[Human]: Name a colour.<eoh> [SpeechGPT]: red<eoa>"]
+    assert {x["prefix"] for x in lines} == {"SYS "} and stats.written == {"text": 3}
+    assert parse_response(split_turn(lines[0]["plain_text"])[1]) == {"text": "anna lives in rome"}
+
+
+def test_bad_text_instructions_are_named_or_counted(cli, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"instruction": "q", "output": "a"}, {"instruction": "q2", "output": " "},
+                                        {"instruction": "q3"}])
+    run = cli("speechgpt", "build-text-instructions", "--manifest", tmp_path / "in.jsonl", "--out",
+              tmp_path / "out.jsonl", check=False)
+    assert run.returncode == 1 and f"{tmp_path / 'in.jsonl'}:2: field 'output': empty output" in run.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+    run = cli("speechgpt", "build-text-instructions", "--manifest", tmp_path / "in.jsonl", "--out",
+              tmp_path / "out.jsonl", "--skip-bad", "--no-progress")
+    assert run.stdout.strip() == (f"wrote {tmp_path / 'out.jsonl'}: 1 examples from 3 records read (text 1); "
+                                  f"skipped 2 (empty output: 1, missing field: 1)")

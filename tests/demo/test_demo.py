@@ -10,10 +10,13 @@ import sentencepiece as spm
 import soundfile as sf
 
 from speechgpt_fairseq.demo.corpus import make_corpus
+from speechgpt_fairseq.demo.report import MEASURES, find_log, validation_curve
+
+SPLITS = ("train", "valid", "test")
 
 
 @pytest.fixture(scope="module")
-def demo(cli, tmp_path_factory):
+def demo(cli, tmp_path_factory, espeak_ng):
     out = tmp_path_factory.mktemp("demo") / "run"
     run = cli("speechgpt", "demo", "--out", out, "--quick", cwd=out.parent)
     return out, run.stdout
@@ -24,28 +27,40 @@ def test_every_command_is_printed_and_ran(demo):
     commands = [line[2:] for line in stdout.splitlines() if line.startswith("+ ")]
     assert len(commands) == len(list((out / "logs").glob("*.done"))) == len(list((out / "logs").glob("*.log")))
     for program in ("speechgpt make-corpus", "speechgpt learn-kmeans", "speechgpt speech2unit",
-                    "speechgpt prepare-units", "speechgpt build-cross-modal", "speechgpt build-com",
-                    "speechgpt prepare-sft", "fairseq-hydra-train", "fairseq-generate", "speechgpt score",
-                    "speechgpt fit-exemplar-vocoder", "speechgpt chat"):
+                    "speechgpt prepare-units", "speechgpt build-cross-modal", "speechgpt build-text-instructions",
+                    "speechgpt build-com", "speechgpt prepare-sft", "fairseq-hydra-train", "fairseq-generate",
+                    "speechgpt score", "speechgpt round-trip", "speechgpt fit-exemplar-vocoder", "speechgpt chat"):
         assert any(c.startswith(program + " ") for c in commands), program
     for stage in ("stage1", "stage2", "stage3"):
         assert (out / stage / "checkpoints" / "checkpoint_best.pt").is_file()
 
 
-def test_report_holds_the_measured_scores(demo):
+def test_training_lowered_every_stages_validation_loss(demo):
+    out, _ = demo
+    for stage in ("stage1", "stage2", "stage3"):
+        trained = validation_curve(find_log(out, f"train-{stage}"))
+        untrained = validation_curve(find_log(out, f"untrained-{stage}"))
+        assert untrained and trained and min(v for _, v in trained) < untrained[-1][1], stage
+
+
+def test_report_holds_every_measure_trained_and_untrained(demo):
     out, stdout = demo
     report = (out / "report" / "report.md").read_text()
     assert (out / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for label, root in (("trained", out), ("untrained", out / "untrained")):
-        summary = json.loads((root / "stage2" / "summary.json").read_text())
-        row = re.search(r"\| ASR: word error rate[^|]*\| (\d+) \| ([0-9.]+)% \| ([0-9.]+)% \|", report)
-        assert int(row.group(1)) == summary["text_wer"]["n"]
-        assert float(row.group(2 if label == "trained" else 3)) == pytest.approx(summary["text_wer"]["rate"], abs=0.05)
-    turn = json.loads((out / "logs").joinpath(next(p.name for p in (out / "logs").glob("*-chat.log"))).read_text()
-                      .splitlines()[-1])
-    assert turn["question"].endswith("_q.wav") and turn["prompt"].startswith("[Human]: <sosp><")
+    for m in MEASURES:
+        row = re.search(rf"\| {re.escape(m.label)} \| (\d+) \| ([0-9.]+|n/a)%? \| ([0-9.]+|n/a)%? \|", report)
+        assert row, m.label
+        for column, root in ((2, out), (3, out / "untrained")):
+            summary = json.loads((root / m.file).read_text())[m.summary_key]
+            assert float(row.group(column)) == pytest.approx(summary[m.field], abs=0.05), (m.label, column)
+        assert int(row.group(1)) == json.loads((out / m.file).read_text())[m.summary_key]["n"] > 0
+    assert len(MEASURES) >= 9 and {m.key for m in MEASURES if m.bar} == {
+        "asr_wer", "tts_uer", "spoken_right", "answer_uer", "roundtrip_wer"}
+    turn = json.loads(find_log(out, "chat").read_text().splitlines()[-1])
+    assert turn["question"].endswith("test_q0000.wav") and turn["prompt"].startswith("[Human]: <sosp><")
     assert f"Question (audio): `{turn['question']}`" in report
     assert "quick run" in report and f"report: {out / 'report' / 'report.md'}" in stdout
+    assert stdout.rstrip().splitlines()[-1] == "demo: bars not applied (quick run)"
 
 
 def test_a_second_run_redoes_nothing(cli, demo):
@@ -57,22 +72,30 @@ def test_a_second_run_redoes_nothing(cli, demo):
     assert before == {p: p.stat().st_mtime_ns for p in (out / "stage3" / "checkpoints").iterdir()}
 
 
-def test_make_corpus_splits_and_manifests(tmp_path):
+def test_make_corpus_splits_and_manifests(tmp_path, espeak_ng):
     out = tmp_path / "corpus"
-    stats = make_corpus(out, sentences=(12, 4, 4), pairs=(6, 2, 2), vocab_size=400, show_progress=False)
+    stats = make_corpus(out, sentences=(12, 4, 4), renditions=(2, 1, 1), vocab_size=400, show_progress=False)
     assert stats["sentences"] == {"train": 12, "valid": 4, "test": 4}
     texts = {s: (out / f"{s}.wrd").read_text().splitlines() for s in ("train", "valid", "test")}
     assert not set(texts["train"]) & (set(texts["valid"]) | set(texts["test"]))  # held out before synthesis
-    for name in ("train", "valid", "test", "qa_test_questions", "qa_test_answers"):
+    for name in ("train", "valid", "test", "test_assistant", "qa_test_questions", "qa_test_answers"):
         root, *lines = (out / f"{name}.tsv").read_text().splitlines()
         assert Path(root) == out.absolute()
         for line in lines:
             path, samples = line.split("\t")
             assert sf.info(out / path).frames == int(samples) > 0
-    qa = [json.loads(line) for line in (out / "qa_test.jsonl").read_text().splitlines()]
-    assert len(qa) == 2 == len((out / "qa_test_questions.tsv").read_text().splitlines()) - 1
+    # the same sentences, in a drawn voice and in the assistant's: line-aligned, different audio
+    drawn, assistant = ((out / f"test{kind}.tsv").read_text().splitlines()[1:] for kind in ("", "_assistant"))
+    assert len(drawn) == len(assistant) == 4 and all(a != b for a, b in zip(drawn, assistant))
+    qa = {s: [json.loads(line) for line in (out / f"qa_{s}.jsonl").read_text().splitlines()] for s in SPLITS}
+    assert len(qa["train"]) == 2 * stats["questions"]["train"] and len(qa["test"]) == stats["questions"]["test"]
+    asked = {s: {(r["person"], r["relation"]) for r in qa[s]} for s in SPLITS}
+    assert asked["train"].isdisjoint(asked["test"] | asked["valid"])
+    assert len(qa["test"]) == len((out / "qa_test_questions.tsv").read_text().splitlines()) - 1
+    knowledge = [json.loads(line) for line in (out / "knowledge.jsonl").read_text().splitlines()]
+    assert len(knowledge) == stats["knowledge"] and {"instruction", "output"} == set(knowledge[0])
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     assert sp.get_piece_size() == 400
     with pytest.raises(ValueError, match="exists and is not empty"):
-        make_corpus(out, sentences=(2, 1, 1), pairs=(1, 1, 1), show_progress=False)
+        make_corpus(out, sentences=(2, 1, 1), renditions=(1, 1, 1), show_progress=False)
     assert len((out / "train.wrd").read_text().splitlines()) == 12  # the existing corpus is untouched

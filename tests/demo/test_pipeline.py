@@ -56,9 +56,9 @@ def test_the_demo_steps_are_the_documented_commands(tmp_path):
     steps = DemoPipeline(tmp_path, Sizes(), config_dir=tmp_path).steps()
     programs = {step.argv[0] + (" " + step.argv[1] if step.argv[0] == "speechgpt" else "") for step in steps}
     assert programs == {"speechgpt make-corpus", "speechgpt learn-kmeans", "speechgpt speech2unit",
-                        "speechgpt prepare-units", "speechgpt build-cross-modal", "speechgpt prepare-sft",
-                        "speechgpt build-com", "fairseq-hydra-train", "fairseq-generate", "speechgpt score",
-                        "speechgpt fit-exemplar-vocoder", "speechgpt chat"}
+                        "speechgpt prepare-units", "speechgpt build-cross-modal", "speechgpt build-text-instructions",
+                        "speechgpt prepare-sft", "speechgpt build-com", "fairseq-hydra-train", "fairseq-generate",
+                        "speechgpt score", "speechgpt round-trip", "speechgpt fit-exemplar-vocoder", "speechgpt chat"}
     assert len({step.name for step in steps}) == len(steps)
     hubert = DemoPipeline(tmp_path, Sizes(), hubert="/m/hubert.pt", config_dir=tmp_path).steps()
     assert all("--hubert" in s.argv for s in hubert if s.argv[1:2] in (["learn-kmeans"], ["speech2unit"]))

@@ -1,5 +1,4 @@
 """read_audio: resampling, channel mixing, and the errors a bad file gets."""
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -78,8 +77,7 @@ def test_missing_file(tmp_path):
         read_audio(tmp_path / "nowhere.wav")
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not on PATH (Debian package espeak-ng)")
-def test_espeak_speech_keeps_its_duration(tmp_path):
+def test_espeak_speech_keeps_its_duration(tmp_path, espeak_ng):
     path = tmp_path / "speech.wav"
     subprocess.run(["espeak-ng", "-w", str(path), "-v", "en-us", "the red cup is on the table"], check=True)
     info = sf.info(path)

@@ -206,6 +206,26 @@ def test_mfcc_command(cli, mfcc_kmeans, corpus, tmp_path):
     assert read_lines(tmp_path / "train.km") == [" ".join(map(str, s2u(corpus / f"utt{i}.wav"))) for i in range(9)]
 
 
+def test_each_input_gets_its_own_outputs(cli, mfcc_kmeans, corpus, tmp_path):
+    """--each: one run labels several manifests as separate runs would, each into OUT/<its name>.*"""
+    root, *lines = read_lines(corpus / "train.tsv")
+    for name, part in (("first", lines[:4]), ("second", lines[4:])):
+        (tmp_path / f"{name}.tsv").write_text("\n".join([root, *part]) + "\n")
+        cli("speechgpt", "speech2unit", tmp_path / f"{name}.tsv", "--kmeans", mfcc_kmeans, "--out", tmp_path / "one",
+            "--no-progress")
+    run = cli("speechgpt", "speech2unit", tmp_path / "first.tsv", tmp_path / "second.tsv", "--each", "--kmeans",
+              mfcc_kmeans, "--out", tmp_path / "each", "--no-progress")
+    for name, count in (("first", 4), ("second", 5)):
+        for suffix in ("km", "units", "names"):
+            assert read_lines(tmp_path / "each" / f"{name}.{suffix}") == read_lines(tmp_path / "one" / f"{name}.{suffix}")
+        assert f"{name}.units" in run.stdout and len(read_lines(tmp_path / "each" / f"{name}.km")) == count
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "first.tsv").write_text((tmp_path / "first.tsv").read_text())
+    run = cli("speechgpt", "speech2unit", tmp_path / "first.tsv", tmp_path / "other" / "first.tsv", "--each",
+              "--kmeans", mfcc_kmeans, "--out", tmp_path / "x", check=False)
+    assert run.returncode == 1 and "two inputs have the same name" in run.stderr and not (tmp_path / "x").exists()
+
+
 def test_shards_partition_and_concatenate_to_the_whole(cli, tiny_hubert, hubert_kmeans, corpus, tmp_path):
     common = ["--hubert", tiny_hubert, "--layer", "2", "--kmeans", hubert_kmeans, "--out", tmp_path, "--no-progress"]
     cli("speechgpt", "speech2unit", corpus / "train.tsv", *common)

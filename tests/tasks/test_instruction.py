@@ -129,3 +129,38 @@ def test_stage3_lora_on_the_stage2_checkpoint(cli, trained, tmp_path):
     cli("speechgpt", "export-hf", adapters, tmp_path / "hf")
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf.config.vocab_size == 1106
+
+
+def test_round_trip_transcribes_spoken_answers_with_the_models_asr(cli, trained, tmp_path):
+    """speechgpt round-trip: each generated spoken answer goes through the model's ASR instruction (greedy, as the
+    Python API generates it) and is scored against the text answer of the same response; no spoken answer is an
+    empty transcript."""
+    import editdistance
+
+    from speechgpt_fairseq.data.prompts import instruction_prompt, strip_answer_end
+    from speechgpt_fairseq.inference import SpeechGPTModel
+    from speechgpt_fairseq.speech.units import format_unit_string
+
+    ckpt, _ = trained
+    units = [[int(u) for u in line.split()] for line in (REPO / "examples" / "corpus" / "test.km").read_text()
+             .splitlines()[:3]]
+    answers = ["the red cup is on the table", "seven plus two is nine", "no answer spoken"]
+    lines = []
+    for i, (u, text) in enumerate(zip(units, answers)):
+        spoken = f"; [ua] {format_unit_string(u)}" if i < 2 else ""
+        lines += [f"S-{i}\t[Human]: q{i}<eoh>. [SpeechGPT]:", f"T-{i}\tq{i}; [ta] {answers[0]}; [ua] <sosp><1><eosp>",
+                  f"H-{i}\t-0.5\tq{i}; [ta] {text}{spoken}", f"D-{i}\t-0.5\tq{i}; [ta] {text}{spoken}"]
+    (tmp_path / "gen.txt").write_text("\n".join(lines) + "\n")
+    summary = json.loads(cli("speechgpt", "round-trip", tmp_path / "gen.txt", "--model", ckpt, "--instruction",
+                             "Write down what is said.", "--out", tmp_path / "rows.jsonl", "--batch-size", "2",
+                             "--no-progress").stdout)
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    model = SpeechGPTModel.from_checkpoint(ckpt)
+    heard = [strip_answer_end(model.generate([instruction_prompt("Write down what is said.", format_unit_string(u))],
+                                             max_new_tokens=64)[0]) for u in units[:2]] + [""]
+    assert [r["transcript"] for r in rows] == heard
+    errors = [editdistance.eval(a.split(), re.sub(r"[^\w\s]", " ", h.lower()).split()) for a, h in zip(answers, heard)]
+    assert rows[2]["roundtrip_wer"] == 1.0 and rows[2]["units_r"] == 0
+    assert summary["roundtrip_wer"] == {"n": 3, "rate": round(100 * sum(errors) / sum(len(a.split()) for a in answers),
+                                                              2)}
+    assert summary["roundtrip_reference_wer"]["n"] == 3
