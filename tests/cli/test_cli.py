@@ -39,7 +39,7 @@ def test_registered_fairseq_names():
                       "--overwrite", "--no-progress", "--out", "--n-clusters", "--percent", "--seed", "--init",
                       "--max-iter", "--batch-size", "--tol", "--max-no-improvement", "--n-init",
                       "--reassignment-ratio"}),
-    ("prepare-units", {"--out", "--vocab", "--num-units", "--open", "--no-progress"}),
+    ("prepare-units", {"--out", "--vocab", "--num-units", "--open", "--dedup", "--no-dedup", "--no-progress"}),
     ("prepare-sft", {"--out", "--vocab", "--num-units", "--skip-bad", "--no-progress"}),
     ("score", {"--out", "--summary", "--keep-case", "--keep-punct"}),
     ("chat", {"--model", "--message", "--kmeans", "--hubert", "--layer", "--vocoder", "--vocoder-config", "--speaker",
