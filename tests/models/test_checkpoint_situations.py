@@ -29,13 +29,13 @@ def hf_model(path):
     return LlamaForCausalLM.from_pretrained(path).eval()
 
 
-def hf_greedy(model, ids: list[int], max_new_tokens: int, pad: int) -> list[int]:
+def hf_greedy(model, ids: list[int], max_new_tokens: int, pad: int, min_new_tokens: int = 0) -> list[int]:
     """transformers' greedy continuation of `ids` (eos ids from generation_config.json), fairseq's padding id
     suppressed where the model has that row (fairseq never emits it)."""
     suppress = [pad] if pad < model.config.vocab_size else None
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                             suppress_tokens=suppress)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                             do_sample=False, suppress_tokens=suppress)
     return out[0, len(ids):].tolist()
 
 
@@ -84,6 +84,10 @@ def test_greedy_python_api_equals_transformers(situation):
     first = hf_greedy(hf, situation.prompt_ids[0], MAX_NEW, vocab.pad)
     assert vocab.tokens[first[-1]] == situation.stop_token and len(first) < MAX_NEW
     assert model.generate(situation.prompt_texts, max_new_tokens=MAX_NEW) == [vocab.decode(x) for x in ours]
+    # min_new_tokens keeps every eos out of the first tokens, as transformers' does: past the early stop here
+    longer = model.generate_ids(situation.prompt_ids[:1], max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW - 2)[0]
+    assert len(longer) >= MAX_NEW - 2 > len(first)
+    assert longer == without_final_eos(hf_greedy(hf, situation.prompt_ids[0], MAX_NEW, vocab.pad, MAX_NEW - 2), vocab)
 
 
 def instruction_records(situation) -> list[str]:

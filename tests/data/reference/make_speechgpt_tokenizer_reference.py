@@ -62,6 +62,18 @@ def build_tokenizer(work: Path) -> LlamaTokenizer:
     return tok
 
 
+def compact_json(reference: dict) -> str:
+    """JSON with one line per record or prompt: small diffs when the reference changes."""
+    lines = []
+    for key, value in reference.items():
+        if isinstance(value, list):
+            items = ",\n".join("  " + json.dumps(v, ensure_ascii=False) for v in value)
+            lines.append(f" {json.dumps(key)}: [\n{items}\n ]")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tok = build_tokenizer(Path(tmp))
@@ -82,7 +94,7 @@ def main() -> None:
                                "ids": tok(system + INFERENCE_TEMPLATE.format(question=q)).input_ids}
                               for q in QUESTIONS],
     }
-    OUT_JSON.write_text(json.dumps(reference, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    OUT_JSON.write_text(compact_json(reference), encoding="utf-8")
     print(f"wrote {OUT_DIR} and {OUT_JSON}: {len(reference['records'])} records, "
           f"{len(reference['inference_prompts'])} prompts, vocabulary {len(tok)}")
 
