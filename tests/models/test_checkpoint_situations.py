@@ -95,6 +95,9 @@ def instruction_records(situation) -> list[str]:
             for t in situation.prompt_texts[1:] + situation.prompt_texts[:1]]
 
 
+# the situations whose prompts and stops differ from LLaMA's (tests/models/test_hf.py runs fairseq-generate on
+# sentencepiece and rope-scaled models too)
+@pytest.mark.parametrize("situation", ["speechgpt-sp", "json-pad-eos-nobos", "llama3-json-llama3rope"], indirect=True)
 def test_fairseq_generate_equals_transformers(situation, cli, stop_reachable, tmp_path):
     """Instruction prompts through prepare-sft and fairseq-generate, against transformers' generate on the same prompt
     ids. The original has no rows for [Human] and the like, so the model is export-hf's, its eos row set so that the
