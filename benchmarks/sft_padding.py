@@ -57,7 +57,7 @@ def cross_modal_examples(n: int, rng: np.random.Generator) -> tuple[Records, Rec
     template = rng.integers(15, 31, n)
     speech = units + 2  # <sosp> ... <eosp>
     asr = rng.random(n) < 0.5  # ASR: speech in, text out; TTS: text in, speech out
-    prompt = template + np.where(asr, speech, text)
+    prompt = 1 + template + np.where(asr, speech, text)  # <s>, as prepare-sft's records and SpeechGPT's start
     response = np.where(asr, text, speech) + 1  # + <eoa> / </s>
     sizes = prompt + response
     segments = np.repeat(np.array([PROMPT, RESPONSE] * n, dtype=np.int64), np.stack([prompt, response], 1).ravel())
@@ -136,7 +136,7 @@ def main() -> None:
           f"{args.tokens_per_sample}; SpeechGPT batches of {args.speechgpt_batch}, pad_to_multiple_of 8; "
           f"seed {args.seed}")
 
-    examples = InstructionDataset(tokens, segments, "response", bos=BOS, pad=PAD)
+    examples = InstructionDataset(tokens, segments, "response", pad=PAD)
     batches = fairseq_batches(examples, args.max_tokens, args.tokens_per_sample, args.seed)
     ours, real, computed = fraction_ours(examples, batches)
     print(f"ours (bucketed): {len(batches)} batches, {len(sizes) / len(batches):.1f} examples/batch, "

@@ -4,6 +4,10 @@ A spoken question becomes units (speech2unit, repeats merged), the chain-of-moda
 modalities asked for, the model generates (inference.py), the response is parsed into its parts (TextI /
 `[ta]` TextR / `[ua]` SpeechR), and the spoken answer is vocoded. One turn per question, as SpeechGPT's demo.
 
+With `prompt_style="speechgpt"` the prompt is SpeechGPT's own chat prompt instead (data/prompts.py): the system
+prefix, then the request as typed, any audio file after "is input:" (or a request that is only an audio file)
+turned into units; the released SpeechGPT-7B-com was prompted so, with up to 2048 new tokens and at least 10.
+
     from speechgpt_fairseq.chat import SpokenChat
     chat = SpokenChat.from_files("checkpoints/stage3/checkpoint_best.pt", kmeans="km1000.bin",
                                  hubert="mhubert_base_vp_en_es_fr_it3.pt", vocoder="vocoder.pt",
@@ -20,12 +24,16 @@ from typing import Callable
 
 import numpy as np
 
-from speechgpt_fairseq.data.prompts import com_prompt, parse_response
+from speechgpt_fairseq.data.prompts import INPUT_MARK, com_prompt, parse_response, speechgpt_prompt
 from speechgpt_fairseq.inference import SPEECHGPT_SAMPLING, Sampling, SpeechGPTModel
 from speechgpt_fairseq.speech.audio import AUDIO_EXTENSIONS
-from speechgpt_fairseq.speech.units import dedup_units
+from speechgpt_fairseq.speech.units import dedup_units, format_unit_string
 
 logger = logging.getLogger(__name__)
+
+PROMPT_STYLES = ("com", "speechgpt")
+# new-token limits (max, min) of each prompt style: ours, and SpeechGPT's cli_infer.py
+DEFAULT_LENGTHS = {"com": (512, 0), "speechgpt": (2048, 10)}
 
 
 @dataclass
@@ -50,10 +58,15 @@ class SpokenChat:
 
     def __init__(self, model: SpeechGPTModel, speech_to_units: Callable[[Path], list[int]] | None = None,
                  units_to_speech: Callable[[list[int]], np.ndarray] | None = None, system_prefix: str = "",
-                 sampling: Sampling = SPEECHGPT_SAMPLING, max_new_tokens: int = 512, seed: int | None = None):
+                 sampling: Sampling = SPEECHGPT_SAMPLING, max_new_tokens: int | None = None, seed: int | None = None,
+                 prompt_style: str = "com", min_new_tokens: int | None = None):
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt style {prompt_style!r}: expected one of {PROMPT_STYLES}")
         self.model, self.speech_to_units, self.units_to_speech = model, speech_to_units, units_to_speech
-        self.system_prefix, self.sampling, self.max_new_tokens, self.seed = (system_prefix, sampling,
-                                                                            max_new_tokens, seed)
+        self.system_prefix, self.sampling, self.seed, self.prompt_style = system_prefix, sampling, seed, prompt_style
+        default_max, default_min = DEFAULT_LENGTHS[prompt_style]
+        self.max_new_tokens = default_max if max_new_tokens is None else max_new_tokens
+        self.min_new_tokens = default_min if min_new_tokens is None else min_new_tokens
 
     @classmethod
     def from_files(cls, model: str | Path, kmeans: str | Path | None = None, hubert: str | Path | None = None,
@@ -110,27 +123,42 @@ class SpokenChat:
         return getattr(self.units_to_speech, "sample_rate", None)
 
     def prompt_for(self, question: str | Path, speak: bool = True) -> str:
-        """The prompt for a question: a path to an audio file is a spoken question, anything else text."""
-        if names_audio_file(question):
-            if not Path(str(question).strip()).is_file():
-                raise FileNotFoundError(f"{str(question).strip()}: no such audio file")
-            if self.speech_to_units is None:
-                raise ValueError(f"{question}: a spoken question needs speech2unit (a k-means model, and a "
-                                 f"HuBERT checkpoint or MFCC features)")
-            units = dedup_units(self.speech_to_units(Path(str(question).strip())))
-            if not units:
-                raise ValueError(f"{question}: no speech units came out of this audio")
-            return self.system_prefix + com_prompt("s2s" if speak else "s2t", speech_i=units)
-        text = " ".join(str(question).split())
-        if not text:
+        """The prompt for a question: a path to an audio file is a spoken question, anything else text. In the
+        speechgpt style the question is a request as SpeechGPT's chat takes it, and `speak` is not used."""
+        if not str(question).strip():
             raise ValueError("an empty question")
+        if self.prompt_style == "speechgpt":
+            return speechgpt_prompt(self.request_units(str(question)), self.system_prefix)
+        if names_audio_file(question):
+            return self.system_prefix + com_prompt("s2s" if speak else "s2t", speech_i=self.units_of(question))
+        text = " ".join(str(question).split())
         return self.system_prefix + com_prompt("t2s" if speak else "t2t", text_i=text)
+
+    def units_of(self, audio: str | Path) -> list[int]:
+        """The units of an audio file, repeats merged, as the model was trained on them."""
+        path = Path(str(audio).strip())
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such audio file")
+        if self.speech_to_units is None:
+            raise ValueError(f"{audio}: a spoken question needs speech2unit (a k-means model, and a HuBERT "
+                             f"checkpoint or MFCC features)")
+        units = dedup_units(self.speech_to_units(path))
+        if not units:
+            raise ValueError(f"{audio}: no speech units came out of this audio")
+        return units
+
+    def request_units(self, request: str) -> str:
+        """A request as SpeechGPT's chat rewrites it: each part around "is input:" that names an audio file (or the
+        whole request, when it is one) becomes that audio's unit string, without the spaces around the path."""
+        parts = request.split(INPUT_MARK)
+        return INPUT_MARK.join(format_unit_string(self.units_of(part)) if names_audio_file(part) else part
+                               for part in parts)
 
     def respond(self, question: str | Path, speak: bool = True) -> ChatTurn:
         """Answer one question; with `speak`, in text and in speech (vocoded when a vocoder is loaded)."""
         prompt = self.prompt_for(question, speak)
         response = self.model.generate([prompt], max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                                       seed=self.seed)[0]
+                                       seed=self.seed, min_new_tokens=self.min_new_tokens)[0]
         parts = parse_response(response)
         turn = ChatTurn(str(question), prompt, response, transcript=parts.get("text_i"),
                         text=parts.get("text_r", parts.get("text")),

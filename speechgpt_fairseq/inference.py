@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 from fairseq import checkpoint_utils
-from fairseq.data import data_utils
 from fairseq.dataclass.configs import GenerationConfig
 from fairseq.dataclass.utils import merge_with_parent
 from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY
 from omegaconf import OmegaConf
 
 from speechgpt_fairseq.data.vocabulary import Vocabulary
+from speechgpt_fairseq.models.generation import prompt_batch
 
 
 @dataclass
@@ -70,27 +70,38 @@ class SpeechGPTModel:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 512, sampling: Sampling = Sampling(),
-                 seed: int | None = None) -> list[str]:
+                 seed: int | None = None, min_new_tokens: int = 0) -> list[str]:
         """Continue each prompt text (e.g. ending with `[SpeechGPT]:`); return the generated texts without the
         prompt, ending with the task's stop text (`<eoa>`) when generation stopped there."""
+        stop = getattr(self.task.cfg, "stop_text", "")
+        outputs = []
+        for ids in self.generate_ids([self.vocab.encode_prompt(p) for p in prompts], max_new_tokens, sampling, seed,
+                                     min_new_tokens):
+            text = self.vocab.decode(ids)
+            outputs.append(text[:text.find(stop) + len(stop)] if stop and stop in text else text)
+        return outputs
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 512, sampling: Sampling = Sampling(),
+                     seed: int | None = None, min_new_tokens: int = 0) -> list[list[int]]:
+        """Continue prompts given as ids (bos first when the tokenizer adds one, as `vocab.encode_prompt` gives
+        them); return the ids each generated, without the final `</s>`. At most `max_new_tokens`, and no eos among
+        the first `min_new_tokens`."""
         if seed is not None:
             torch.manual_seed(seed)
-        d = self.dictionary
-        ids = [torch.tensor(self.vocab.encode(p), dtype=torch.long) for p in prompts]
-        prompt = data_utils.collate_tokens(ids, d.pad(), left_pad=False).to(self.device)
-        src = torch.cat([prompt.new_full((len(ids), 1), d.bos()), prompt], 1)
+        ids = [torch.tensor(p, dtype=torch.long) for p in prompts]
+        src, first, forced = (t.to(self.device) for t in prompt_batch(ids, self.dictionary.pad()))
         sample = {"id": torch.arange(len(ids)),
-                  "net_input": {"src_tokens": src, "src_lengths": torch.tensor([len(i) + 1 for i in ids])}}
+                  "net_input": {"src_tokens": src, "src_lengths": torch.tensor([len(i) for i in ids])}}
         args = OmegaConf.structured(GenerationConfig(
             beam=sampling.beam, sampling=sampling.sample, temperature=sampling.temperature,
             sampling_topk=sampling.top_k or -1, sampling_topp=sampling.top_p if sampling.top_p < 1 else -1.0,
-            max_len_a=1, max_len_b=max_new_tokens - 1, min_len=1))
-        generator = self.task.build_generator([self.model], args)
-        hypos = generator.generate([self.model], sample, prefix_tokens=prompt, bos_token=d.bos())
+            max_len_a=1, max_len_b=max_new_tokens - 1, min_len=0))
+        generator = self.task.build_generator([self.model], args,
+                                              extra_gen_cls_kwargs={"min_new_tokens": min_new_tokens})
+        hypos = generator.generate([self.model], sample, prefix_tokens=forced, bos_token=first)
         outputs = []
-        for i, beams in zip(ids, hypos):
-            tokens = beams[0]["tokens"][len(i):].tolist()
-            text = self.vocab.decode(tokens)
-            stop = getattr(self.task.cfg, "stop_text", "")
-            outputs.append(text[:text.find(stop) + len(stop)] if stop and stop in text else text)
+        for prompt, beams in zip(ids, hypos):
+            tokens = beams[0]["tokens"][len(prompt) - 1:].tolist()  # after the forced part of the prompt
+            outputs.append(tokens[:-1] if tokens and tokens[-1] == self.vocab.eos else tokens)
         return outputs

@@ -54,7 +54,7 @@ def tokenizers_json(tmp_path_factory) -> Path:
 
 
 def write_hf_llama(out: Path, tokenizer: Path, kv_heads: int = 4, tied: bool = False, theta: float = 10000.0,
-                   seed: int = 0, layers: int = 2) -> Path:
+                   seed: int = 0, layers: int = 2, rope_scaling: dict | None = None) -> Path:
     """A tiny random LlamaForCausalLM saved with its tokenizer, as a Hugging Face directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -79,17 +79,25 @@ def write_hf_llama(out: Path, tokenizer: Path, kv_heads: int = 4, tied: bool = F
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
                       rope_theta=theta, tie_word_embeddings=tied, initializer_range=0.3, rms_norm_eps=1e-6,
-                      bos_token_id=bos, eos_token_id=eos)
+                      bos_token_id=bos, eos_token_id=eos, rope_scaling=rope_scaling)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
 
+
+# Llama 3.1's rope scaling with a context of 64 (head width 16, theta 5e5: short, ramped and long wavelengths all
+# occur), and linear scaling
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0}
 
 # the model variants the interop tests cover: (name, kwargs of write_hf_llama, tokenizer kind)
 HF_VARIANTS = [
     ("mha-untied-sp", dict(kv_heads=4, tied=False, theta=10000.0), "sentencepiece"),
     ("gqa-tied-sp", dict(kv_heads=2, tied=True, theta=10000.0), "sentencepiece"),
-    ("gqa-untied-json-theta500k", dict(kv_heads=1, tied=False, theta=500000.0), "tokenizers"),
-    ("mha-tied-json", dict(kv_heads=4, tied=True, theta=500000.0), "tokenizers"),
+    ("gqa-untied-json-llama3rope", dict(kv_heads=1, tied=False, theta=500000.0, rope_scaling=LLAMA3_ROPE),
+     "tokenizers"),
+    ("mha-tied-json-linearrope", dict(kv_heads=4, tied=True, theta=500000.0, rope_scaling=LINEAR_ROPE),
+     "tokenizers"),
 ]
 
 

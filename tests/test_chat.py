@@ -156,3 +156,30 @@ def test_spoken_question(cli, com_model, tmp_path, espeak_ng):
     run = chat(cli, com_model, "--message", wavs[0], "--kmeans", tmp_path / "km.bin", "--hubert", wavs[1],
                check=False)
     assert run.returncode == 1 and "q1.wav" in run.stderr  # not a HuBERT checkpoint: named in the error
+
+
+def test_speechgpt_prompt_with_the_system_prompt_of_a_speechinstruct_file(cli, com_model, tmp_path):
+    """--prompt speechgpt: SpeechGPT's chat template after the first non-empty `prefix` of a SpeechInstruct file."""
+    system = "You are a test assistant.\n- Answer  briefly.\n"
+    lines = [{"prefix": "", "plain_text": "[Human]: hi<eoh> [SpeechGPT]: ok<eoa>"},
+             {"prefix": system, "plain_text": "[Human]: hi<eoh> [SpeechGPT]: ok<eoa>"}]
+    (tmp_path / "si.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (record,) = records(chat(cli, com_model, "--prompt", "speechgpt", "--system-from", tmp_path / "si.jsonl",
+                             "--message", QUESTION, "--max-new-tokens", 16, "--json", "--out", tmp_path))
+    assert record["prompt"] == system + f"[Human]: {QUESTION} <eoh>. [SpeechGPT]: "
+    (tmp_path / "none.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    run = chat(cli, com_model, "--prompt", "speechgpt", "--system-from", tmp_path / "none.jsonl", "--message", "x",
+               check=False)
+    assert run.returncode == 1 and "none.jsonl: no record with a non-empty 'prefix'" in run.stderr
+
+
+def test_system_file_is_taken_as_it_is(tmp_path):
+    import argparse
+
+    from speechgpt_fairseq.cli.chat import system_prompt
+
+    (tmp_path / "system.txt").write_text("Be brief.\n\n")
+    args = argparse.Namespace(system=None, system_file=str(tmp_path / "system.txt"), system_from=None)
+    assert system_prompt(args) == "Be brief.\n\n"
+    with pytest.raises(FileNotFoundError, match="nope.txt: no such system prompt file"):
+        system_prompt(argparse.Namespace(system=None, system_file=str(tmp_path / "nope.txt"), system_from=None))

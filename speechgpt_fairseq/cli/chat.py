@@ -7,7 +7,8 @@ import re
 import sys
 from pathlib import Path
 
-from speechgpt_fairseq.chat import ChatTurn, SpokenChat
+from speechgpt_fairseq.chat import PROMPT_STYLES, ChatTurn, SpokenChat
+from speechgpt_fairseq.data.instructions import read_system_prefix
 from speechgpt_fairseq.inference import SPEECHGPT_SAMPLING, Sampling
 from speechgpt_fairseq.speech.units import format_unit_string
 from speechgpt_fairseq.speech.vocoder import write_wav
@@ -30,7 +31,13 @@ class Chat:
     answers already in OUT), or printed as units without one. --text-only asks for a text answer. With
     --message the questions are answered one by one and the command ends; without it, questions are read from
     standard input, one per line, until an empty input, 'quit' or end of file. --json prints one JSON object
-    per turn instead of the readable lines."""
+    per turn instead of the readable lines.
+
+    --prompt speechgpt prompts as SpeechGPT's own chat did (for the released SpeechGPT-7B-com): a system prompt
+    (--system-file, or --system-from a SpeechInstruct JSON-lines file whose `prefix` holds it), then the request as
+    typed, where an audio file after "this is input:" (ASR) or a request that is only an audio file becomes units;
+    a TTS request puts its text there ("Read this aloud, this is input: Today is a sunny day."). It answers with
+    up to 2048 new tokens and at least 10 unless --max-new-tokens / --min-new-tokens say otherwise."""
 
     help = "talk to a trained model: text or a wav in, the answer in text and speech out"
 
@@ -47,14 +54,23 @@ class Chat:
         p.add_argument("--vocoder-config", default=None, help="the vocoder's config.json")
         p.add_argument("--speaker", type=int, default=None, help="speaker id of a multi-speaker vocoder")
         p.add_argument("--out", default="chat", help="directory for the spoken answers (default ./chat)")
-        p.add_argument("--text-only", action="store_true", help="answer in text only (s2t / t2t)")
-        p.add_argument("--system", default="", help="text put before every prompt (a system instruction)")
+        p.add_argument("--text-only", action="store_true", help="answer in text only (s2t / t2t; --prompt com)")
+        p.add_argument("--prompt", choices=PROMPT_STYLES, default="com",
+                       help="com: our chain-of-modality prompts (default); speechgpt: SpeechGPT's chat prompt")
+        system = p.add_mutually_exclusive_group()
+        system.add_argument("--system", default=None, help="text put before every prompt (a system instruction)")
+        system.add_argument("--system-file", default=None, help="a file whose text, as it is, goes before every prompt")
+        system.add_argument("--system-from", default=None,
+                            help="a SpeechInstruct JSON-lines file: its first non-empty `prefix` is the system prompt")
         p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
         p.add_argument("--temperature", type=float, default=SPEECHGPT_SAMPLING.temperature)
         p.add_argument("--top-k", type=int, default=SPEECHGPT_SAMPLING.top_k)
         p.add_argument("--top-p", type=float, default=SPEECHGPT_SAMPLING.top_p)
         p.add_argument("--seed", type=int, default=None, help="seed of the sampling, for repeatable answers")
-        p.add_argument("--max-new-tokens", type=int, default=512)
+        p.add_argument("--max-new-tokens", type=int, default=None,
+                       help="longest answer in tokens (default 512; 2048 with --prompt speechgpt)")
+        p.add_argument("--min-new-tokens", type=int, default=None,
+                       help="no end of answer before this many tokens (default 0; 10 with --prompt speechgpt)")
         p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
         p.add_argument("--bf16", action="store_true", help="the model's weights in bfloat16 (half the memory)")
         p.add_argument("--json", action="store_true", help="one JSON object per turn on standard output")
@@ -66,7 +82,8 @@ class Chat:
         chat = SpokenChat.from_files(
             args.model, kmeans=args.kmeans, hubert=args.hubert, layer=args.layer, vocoder=args.vocoder,
             vocoder_config=args.vocoder_config, speaker=args.speaker, device=args.device, bf16=args.bf16,
-            system_prefix=args.system, sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed)
+            system_prefix=system_prompt(args), sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed,
+            prompt_style=args.prompt, min_new_tokens=args.min_new_tokens)
         out = Path(args.out)
         if args.message is not None:
             for question in args.message:
@@ -86,6 +103,20 @@ class Chat:
                 show(answer(chat, question, out, args), args.json)
             except (ValueError, FileNotFoundError) as e:  # a bad question ends the turn, not the conversation
                 print(f"error: {e}", file=sys.stderr)
+
+
+def system_prompt(args) -> str:
+    """--system, the text of --system-file (as it is, final newline included), or --system-from's prefix."""
+    if args.system_file is not None:
+        path = Path(args.system_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such system prompt file (--system-file)")
+        return path.read_text(encoding="utf-8")
+    if args.system_from is not None:
+        if not Path(args.system_from).is_file():
+            raise FileNotFoundError(f"{args.system_from}: no such SpeechInstruct file (--system-from)")
+        return read_system_prefix(args.system_from)
+    return args.system or ""
 
 
 def answer(chat: SpokenChat, question: str, out: Path, args) -> dict:

@@ -39,8 +39,11 @@ def parse_splits(specs: list[str]) -> dict[str, list[str]]:
 class PrepareUnits:
     """Binarize unit files (fairseq k-means labels, or SpeechGPT unit strings `<sosp><12><7>…<eosp>`, one
     utterance per line) into fairseq memory-mapped datasets: OUT/SPLIT.bin and .idx, plus OUT/vocab.json.
-    Empty lines are skipped and counted; a malformed line stops with its file and line number, and nothing
-    is written."""
+    k-means labels (one per 20 ms frame, as speech2unit's .km files and fairseq's dump_km_label.py write them)
+    have their runs of a repeated unit merged, the units SpeechGPT trained on and the unit vocoder speaks;
+    --no-dedup keeps every frame. Unit strings are taken as written. Each utterance starts with the tokenizer's
+    bos when the tokenizer adds one. Empty lines are skipped and counted; a malformed line stops with its file
+    and line number, and nothing is written."""
 
     help = "binarize unit corpora (k-means labels or SpeechGPT unit strings) for unit_lm"
 
@@ -55,13 +58,15 @@ class PrepareUnits:
         p.add_argument("--num-units", type=int, default=None, help="K (default 1000, or the vocabulary's)")
         p.add_argument("--open", nargs="*", default=[], metavar="SPLIT",
                        help="splits of prompts: k-means lines are not closed with <eosp>")
+        p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
+                       help="merge runs of a repeated unit in k-means label lines (default; --no-dedup keeps frames)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     @staticmethod
     def run(args) -> None:
         vocab = load_vocabulary(args.vocab, args.num_units)
         for stats in prepare_units(parse_splits(args.splits), args.out, vocab, open_splits=args.open,
-                                   show_progress=not args.no_progress):
+                                   show_progress=not args.no_progress, dedup=args.dedup):
             skipped = ", ".join(f"skipped {n}: {reason}" for reason, n in stats.skipped.items()) or "nothing skipped"
             print(f"{stats.path}: {stats.records} utterances, {stats.tokens} tokens ({skipped})")
         print(f"wrote {args.out} ({len(vocab)} tokens in {Path(args.out) / VOCAB_FILE})")

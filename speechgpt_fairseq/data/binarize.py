@@ -19,8 +19,8 @@ from fairseq.data.indexed_dataset import MMapIndexedDataset, _dtype_header_code,
 
 from speechgpt_fairseq.atomic_files import atomic_files_into
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
-from speechgpt_fairseq.speech.units import (EOSP, SOSP, UnitFormatError, detect_unit_format, parse_kmeans_labels,
-                                            parse_unit_string)
+from speechgpt_fairseq.speech.units import (EOSP, SOSP, UnitFormatError, dedup_units, detect_unit_format,
+                                            parse_kmeans_labels, parse_unit_string)
 
 _CHUNK = 4096  # records buffered before a write
 
@@ -100,12 +100,13 @@ class SplitStats:
 
 
 def read_unit_lines(path: str | os.PathLike, vocab: Vocabulary, stats: SplitStats, open_ended: bool = False,
-                    ) -> Iterator[list[int]]:
+                    dedup: bool = True) -> Iterator[list[int]]:
     """Token ids for each utterance of a units file (k-means labels or SpeechGPT unit strings, detected
-    from the first line that is not empty).
+    from the first line that is not empty), after the tokenizer's bos when it adds one.
 
-    k-means lines become `<sosp> units <eosp>` (`<sosp> units` when `open_ended`, for prompts); unit strings
-    keep their own markers. Empty lines are skipped and counted; anything else malformed raises
+    k-means lines (one label per frame) have their runs of a repeated unit merged unless `dedup` is off, and
+    become `<sosp> units <eosp>` (`<sosp> units` when `open_ended`, for prompts); unit strings are kept as they
+    are written, markers included. Empty lines are skipped and counted; anything else malformed raises
     BinarizeError naming the file and line.
     """
     sosp, eosp = vocab.index[SOSP], vocab.index[EOSP]
@@ -125,7 +126,9 @@ def read_unit_lines(path: str | os.PathLike, vocab: Vocabulary, stats: SplitStat
                 kind = "k-means labels" if fmt == "kmeans" else "SpeechGPT unit strings"
                 raise BinarizeError(f"{path}:{lineno}: {e} (this file holds {kind}, detected from its first line)") \
                     from None
-            yield [sosp, *(vocab.unit_offset + u for u in units), *([eosp] if closed else [])]
+            if fmt == "kmeans" and dedup:
+                units = dedup_units(units)
+            yield [*vocab.bos_ids, sosp, *(vocab.unit_offset + u for u in units), *([eosp] if closed else [])]
 
 
 def write_split(records: Iterable[tuple[list[int], ...]], channels: list[tuple[str | os.PathLike, int]],
@@ -174,14 +177,16 @@ def binarize_splits(splits: dict[str, str | list[str]], out: str | os.PathLike, 
 
 
 def prepare_units(splits: dict[str, str | list[str]], out: str | os.PathLike, vocab: Vocabulary,
-                  open_splits: Iterable[str] = (), show_progress: bool = True) -> list[SplitStats]:
-    """Binarize units files into `out` (one `name.bin/.idx` per split) with `vocab.json` beside them."""
+                  open_splits: Iterable[str] = (), show_progress: bool = True, dedup: bool = True) -> list[SplitStats]:
+    """Binarize units files into `out` (one `name.bin/.idx` per split) with `vocab.json` beside them; k-means
+    labels have their repeats merged unless `dedup` is off."""
     open_splits = set(open_splits)
     unknown = open_splits - set(splits)
     if unknown:
         raise BinarizeError(f"--open names splits that are not given: {sorted(unknown)}")
     return binarize_splits(
         splits, out, vocab,
-        read=lambda name, path, stats: ((ids,) for ids in read_unit_lines(path, vocab, stats, name in open_splits)),
+        read=lambda name, path, stats: ((ids,) for ids in read_unit_lines(path, vocab, stats, name in open_splits,
+                                                                          dedup)),
         channels=lambda scratch, name: [(scratch / name, len(vocab))], what="utterances",
         show_progress=show_progress)

@@ -17,21 +17,22 @@ LOSS_SEGMENTS = {
 
 
 class InstructionDataset(SizedDataset):
-    """Example i: source `<s> x[:-1]`, target `x` with non-loss positions set to pad, and its prompt length
-    (system + human turn), which generation uses to split prompt from reference."""
+    """Example i (a record `x` as prepare-sft wrote it: bos when the tokenizer adds one, text, </s>): source
+    `x[:-1]`, target `x[1:]` with non-loss positions set to pad, and its prompt length (bos, system and human
+    turn), which generation uses to split prompt from reference."""
 
-    def __init__(self, tokens, segments, loss_policy: str, bos: int, pad: int, shuffle: bool = True):
+    def __init__(self, tokens, segments, loss_policy: str, pad: int, shuffle: bool = True):
         if len(tokens) != len(segments) or not np.array_equal(tokens.sizes, segments.sizes):
             raise ValueError("tokens and segment labels do not match: re-run `speechgpt prepare-sft`")
-        self.tokens, self.segments, self.bos, self.pad, self.shuffle = tokens, segments, bos, pad, shuffle
+        self.tokens, self.segments, self.pad, self.shuffle = tokens, segments, pad, shuffle
         self.loss_segments = torch.tensor(LOSS_SEGMENTS[loss_policy])
-        self.sizes = np.asarray(tokens.sizes, dtype=np.int64)
+        self.sizes = np.asarray(tokens.sizes, dtype=np.int64) - 1
 
     def __getitem__(self, index):
         x, seg = self.tokens[index].long(), self.segments[index].long()
-        target = torch.where(torch.isin(seg, self.loss_segments), x, torch.full_like(x, self.pad))
-        return {"id": index, "source": torch.cat([x.new([self.bos]), x[:-1]]), "target": target,
-                "reference": x, "prompt_length": int((seg != RESPONSE).sum())}
+        target = torch.where(torch.isin(seg[1:], self.loss_segments), x[1:], torch.full_like(x[1:], self.pad))
+        return {"id": index, "source": x[:-1], "target": target, "reference": x,
+                "prompt_length": int((seg != RESPONSE).sum())}
 
     def __len__(self):
         return len(self.tokens)

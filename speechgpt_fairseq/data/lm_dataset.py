@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from fairseq.data import AppendTokenDataset, FairseqDataset, PrependTokenDataset, TokenBlockDataset, data_utils
+from fairseq.data import AppendTokenDataset, FairseqDataset, TokenBlockDataset, data_utils
 
 
 def collate_next_token(samples: list[dict], pad: int) -> dict:
@@ -50,14 +50,15 @@ class _NextTokenDataset(SizedDataset):
 
 
 class PackedBlocksDataset(_NextTokenDataset):
-    """Records wrapped as `<s> … </s>`, concatenated and cut into blocks of `block_size` tokens.
+    """Records (bos first when the tokenizer adds one) closed with `</s>`, concatenated and cut into blocks of
+    `block_size` tokens.
 
     Every token is a target exactly once; a block's first input is the token before it (eos at the start).
     """
 
-    def __init__(self, records, block_size: int, bos: int, eos: int, pad: int, shuffle: bool = True):
+    def __init__(self, records, block_size: int, eos: int, pad: int, shuffle: bool = True):
         super().__init__(pad, shuffle)
-        docs = AppendTokenDataset(PrependTokenDataset(records, bos), eos)
+        docs = AppendTokenDataset(records, eos)
         self.blocks = TokenBlockDataset(docs, docs.sizes, block_size, pad=pad, eos=eos, break_mode="none",
                                         include_targets=True)
         self.sizes = self.blocks.sizes
@@ -71,16 +72,16 @@ class PackedBlocksDataset(_NextTokenDataset):
 
 
 class RecordDataset(_NextTokenDataset):
-    """One record per sample: source `<s> x`, target `x </s>`. Used for generation, where `x` is the prompt."""
+    """One record per sample: source `x`, target `x[1:] </s>`. Used for generation, where `x` is the prompt."""
 
-    def __init__(self, records, bos: int, eos: int, pad: int, shuffle: bool = False):
+    def __init__(self, records, eos: int, pad: int, shuffle: bool = False):
         super().__init__(pad, shuffle)
-        self.records, self.bos, self.eos = records, bos, eos
-        self.sizes = np.asarray(records.sizes, dtype=np.int64) + 1
+        self.records, self.eos = records, eos
+        self.sizes = np.asarray(records.sizes, dtype=np.int64)
 
     def __getitem__(self, index):
         x = self.records[index].long()
-        return {"id": index, "source": torch.cat([x.new([self.bos]), x]), "target": torch.cat([x, x.new([self.eos])])}
+        return {"id": index, "source": x, "target": torch.cat([x[1:], x.new([self.eos])])}
 
     def __len__(self):
         return len(self.records)

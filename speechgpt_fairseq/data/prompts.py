@@ -18,6 +18,10 @@ Chain-of-modality (stage 3), four formats by the modality of instruction and res
 
 Speech is always `<sosp>…<eosp>`. A model answers after `[SpeechGPT]:`; everything up to and including it is
 the prompt, the rest (with the end of sequence) is the response.
+
+SpeechGPT's own chat (its `cli_infer.py`) prompts differently: a system prefix, then
+`[Human]: {request} <eoh>. [SpeechGPT]: `, where the request is the user's text with any audio file after
+"is input:" (or a request that is only an audio file) replaced by its units (`speechgpt_prompt`).
 """
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ COM_FORMATS = {
     "t2s": "[Human]: {text_i} Answer in speech.<eoh>. [SpeechGPT]: [ta] {text_r}; [ua] {speech_r}<eoa>.",
     "t2t": "[Human]: {text_i}<eoh>. [SpeechGPT]: [ta] {text_r}<eoa>.",
 }
+
+SPEECHGPT_CHAT = "[Human]: {request} <eoh>. [SpeechGPT]: "
+INPUT_MARK = "is input:"  # SpeechGPT's chat: ASR and TTS requests put their input after "(t|T)his is input:"
 
 _UNITS = re.compile(r"<sosp>((?:\s*<\d+>)*)\s*(<eosp>)?")
 _UNIT = re.compile(r"<(\d+)>")
@@ -99,6 +106,12 @@ def com_prompt(fmt: str, text_i: str | None = None, speech_i: list[int] | None =
         raise PromptFormatError(f"format {fmt} takes the question as {'units' if fmt[0] == 's' else 'text'}")
     human = COM_FORMATS[fmt][:COM_FORMATS[fmt].index(ASSISTANT_TURN) + len(ASSISTANT_TURN)]
     return human.format(text_i=text_i, speech_i=format_unit_string(speech_i) if speech_i is not None else "")
+
+
+def speechgpt_prompt(request: str, system: str = "") -> str:
+    """SpeechGPT's chat prompt for a request whose speech is already units: `system`, then the request in its
+    chat template (the model answers after `[SpeechGPT]: `)."""
+    return system + SPEECHGPT_CHAT.format(request=request)
 
 
 def split_turn(plain_text: str) -> tuple[str, str]:

@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from speechgpt_fairseq.atomic_files import atomic_dir
-from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
+from speechgpt_fairseq.data.vocabulary import SLOW_433, VOCAB_FILE, Vocabulary
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, validate_config
 from speechgpt_fairseq.models.lora import LORA_TARGETS, load_base_weights, merge_lora_state
 
@@ -77,10 +77,11 @@ def read_hf_config(hf_dir: Path) -> dict:
         raise HFCheckpointError(f"{path}: model_type {config.get('model_type')!r}, architectures {archs}: "
                                 f"expected a LLaMA (model_type 'llama', LlamaForCausalLM)")
     problems = []
-    rope = config.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta and the scaling type here
-    if config.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        problems.append(f"rope scaling {config.get('rope_scaling') or rope} (only plain rotary embeddings are "
-                        f"supported)")
+    kind, _, rope = rope_settings(config)
+    if kind not in _ROPE_FIELDS:
+        problems.append(f"rope scaling {kind!r} (supported: {', '.join(_ROPE_FIELDS)})")
+    elif [key for key in _ROPE_FIELDS[kind] if key not in rope]:
+        problems.append(f"rope scaling {kind!r} without {[key for key in _ROPE_FIELDS[kind] if key not in rope]}")
     if config.get("attention_bias") or config.get("mlp_bias"):
         problems.append("attention_bias/mlp_bias (LLaMA has no biases)")
     if config.get("hidden_act", "silu") != "silu":
@@ -90,15 +91,33 @@ def read_hf_config(hf_dir: Path) -> dict:
     return config
 
 
-def rope_theta(config: dict) -> float:
-    """transformers < 5 writes `rope_theta`; 5 writes `rope_parameters: {rope_theta, rope_type}`."""
-    return (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta") or 10000.0
+# the rope scalings we compute (models/llama.py), with the config.json keys each needs -> our config fields
+_ROPE_FIELDS = {
+    "default": {},
+    "linear": {"factor": ("rope_scaling_factor", float)},
+    "llama3": {"factor": ("rope_scaling_factor", float), "low_freq_factor": ("rope_low_freq_factor", float),
+               "high_freq_factor": ("rope_high_freq_factor", float),
+               "original_max_position_embeddings": ("rope_original_max_positions", int)},
+}
+
+
+def rope_settings(config: dict) -> tuple[str, float, dict]:
+    """(scaling type, theta, scaling parameters) of a config.json: transformers < 5 writes `rope_theta` and
+    `rope_scaling` ({"rope_type" or "type", "factor", ...}); 5 writes both into `rope_parameters`. Where both are
+    given, `rope_scaling` wins, as transformers 5 reads it."""
+    scaling, params = config.get("rope_scaling") or {}, config.get("rope_parameters") or {}
+    kind = (scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or params.get("type")
+            or "default")
+    theta = params.get("rope_theta") or config.get("rope_theta") or 10000.0
+    return kind, float(theta), {**params, **scaling}
 
 
 def model_config_from_hf(config: dict) -> SpeechGPTLlamaConfig:
     heads = config["num_attention_heads"]
     hidden = config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // heads
+    kind, theta, rope = rope_settings(config)
+    scaling = {field: cast(rope[key]) for key, (field, cast) in _ROPE_FIELDS[kind].items()}
     cfg = SpeechGPTLlamaConfig(
         decoder_layers=config["num_hidden_layers"],
         decoder_embed_dim=hidden,
@@ -106,7 +125,9 @@ def model_config_from_hf(config: dict) -> SpeechGPTLlamaConfig:
         decoder_attention_heads=heads,
         decoder_kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=0 if head_dim == hidden // heads else head_dim,
-        rope_theta=float(rope_theta(config)),
+        rope_theta=theta,
+        rope_scaling="none" if kind == "default" else kind,
+        **scaling,
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         max_target_positions=config.get("max_position_embeddings", 2048),
         share_decoder_input_output_embed=bool(config.get("tie_word_embeddings", False)),
@@ -117,6 +138,9 @@ def model_config_from_hf(config: dict) -> SpeechGPTLlamaConfig:
 
 def hf_config_from_model(cfg, vocab: Vocabulary, dtype: torch.dtype) -> dict:
     heads = cfg.decoder_attention_heads
+    rope_type = "default" if cfg.rope_scaling == "none" else cfg.rope_scaling
+    rope_scaling = {key: getattr(cfg, field) for key, (field, _) in _ROPE_FIELDS[rope_type].items()}
+    rope_scaling = {"rope_type": rope_type, **rope_scaling} if rope_scaling else {}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -130,8 +154,8 @@ def hf_config_from_model(cfg, vocab: Vocabulary, dtype: torch.dtype) -> dict:
         "hidden_act": "silu",
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,  # read by transformers < 5
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers >= 5
+        "rope_scaling": rope_scaling or None,
+        "rope_parameters": {**rope_scaling, "rope_type": rope_type, "rope_theta": cfg.rope_theta},  # transformers 5
         "max_position_embeddings": cfg.max_target_positions,
         "tie_word_embeddings": bool(cfg.share_decoder_input_output_embed),
         "attention_bias": False,
@@ -330,6 +354,8 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, num_units: int
     config = read_hf_config(hf_dir)
     vocab = Vocabulary.from_tokenizer(hf_dir, num_units)
     model_cfg = model_config_from_hf(config)
+    logger.info(f"rotary embedding: theta {model_cfg.rope_theta:g}, scaling {model_cfg.rope_scaling}"
+                + (f" (factor {model_cfg.rope_scaling_factor:g})" if model_cfg.rope_scaling != "none" else ""))
     state = fairseq_state_from_hf(hf_dir, model_cfg, vocab)
     write_checkpoint_dir(out, state, model_cfg, vocab, overwrite)
     return out
@@ -364,7 +390,8 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
         _save_sharded(tensors, scratch, max_shard_bytes, save_file)
         (scratch / "config.json").write_text(json.dumps(hf_config_from_model(model_cfg, vocab, dtype), indent=2))
         (scratch / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": vocab.bos, "eos_token_id": vocab.eos, "pad_token_id": vocab.pad}, indent=2))
+            {"bos_token_id": vocab.bos, "eos_token_id": vocab.eos_ids if len(vocab.eos_ids) > 1 else vocab.eos,
+             "pad_token_id": vocab.pad}, indent=2))
         write_hf_tokenizer(vocab, scratch, model_max_length=model_cfg.max_target_positions)
     return out
 
@@ -393,17 +420,22 @@ def _save_sharded(tensors: dict, out: Path, max_shard_bytes: int, save_file) -> 
 
 
 def write_hf_tokenizer(vocab: Vocabulary, out: Path, model_max_length: int) -> None:
-    """Tokenizer files for AutoTokenizer; the added tokens (units, SpeechGPT tokens) are plain added tokens."""
+    """Tokenizer files for AutoTokenizer that encode as the vocabulary does: the added tokens (units, SpeechGPT
+    tokens) as added tokens, bos added or not, and for SpeechGPT's encoding the settings with which transformers'
+    current tokenizers reproduce 4.33's slow one (legacy, added tokens stripping the spaces beside them)."""
     names = {role: vocab.tokens[getattr(vocab, role)] for role in ("bos", "eos", "unk", "pad")}
-    added = {str(i): {"content": vocab.tokens[i], "lstrip": False, "rstrip": False, "normalized": False,
-                      "single_word": False, "special": i in (vocab.bos, vocab.eos, vocab.unk, vocab.pad)}
-             for i in sorted({vocab.bos, vocab.eos, vocab.unk, vocab.pad} | set(range(vocab.base_size, len(vocab))))}
+    control = (vocab.bos, vocab.eos, vocab.unk, vocab.pad)
+    strip = vocab.text_encoding == SLOW_433
+    added = {str(i): {"content": vocab.tokens[i], "lstrip": strip and i not in control,
+                      "rstrip": strip and i not in control, "normalized": False, "single_word": False,
+                      "special": i in control}
+             for i in sorted(set(control) | set(range(vocab.base_size, len(vocab))))}
     config = {"added_tokens_decoder": added, "bos_token": names["bos"], "eos_token": names["eos"],
               "unk_token": names["unk"], "pad_token": names["pad"], "model_max_length": model_max_length,
               "clean_up_tokenization_spaces": False}
     if vocab.tokenizer_kind == "sentencepiece":
         (out / "tokenizer.model").write_bytes(vocab.tokenizer_model)
-        config.update({"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
+        config.update({"tokenizer_class": "LlamaTokenizer", "legacy": strip, "add_bos_token": vocab.add_bos,
                        "add_eos_token": False})
     else:
         (out / "tokenizer.json").write_text(_tokenizers_json(vocab), encoding="utf-8")
@@ -424,6 +456,12 @@ def _tokenizers_json(vocab: Vocabulary) -> str:
     tok = Tokenizer(WordLevel(base, unk_token=vocab.tokens[vocab.unk]))
     tok.add_special_tokens([AddedToken(t, normalized=False) for t in vocab.tokens[:vocab.base_size]])
     tok.add_tokens([AddedToken(t, normalized=False) for t in vocab.added_tokens])
+    if vocab.add_bos:
+        from tokenizers.processors import TemplateProcessing
+
+        bos = vocab.tokens[vocab.bos]
+        tok.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                special_tokens=[(bos, vocab.bos)])
     return tok.to_str()
 
 

@@ -7,6 +7,7 @@ With `lora_rank > 0` the target Linear layers carry LoRA adapters (models/lora.p
 `lora_base` set the frozen base is read from that checkpoint and checkpoints hold only the adapters.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,16 @@ class SpeechGPTLlamaConfig(FairseqDataclass):
         default=0, metadata={"help": "key/value heads for grouped-query attention; 0 means one per query head"})
     head_dim: int = field(default=0, metadata={"help": "width of one head; 0 means embed_dim / attention_heads"})
     rope_theta: float = field(default=10000.0, metadata={"help": "rotary embedding base (500000 for Llama 3)"})
+    rope_scaling: str = field(
+        default="none", metadata={"help": "rotary frequency scaling: none; linear (positions divided by the factor); "
+                                          "llama3 (Llama 3.1's: long wavelengths divided by the factor)"})
+    rope_scaling_factor: float = field(default=1.0, metadata={"help": "factor of linear and llama3 scaling"})
+    rope_low_freq_factor: float = field(
+        default=1.0, metadata={"help": "llama3: wavelengths above original_max_positions / this are scaled fully"})
+    rope_high_freq_factor: float = field(
+        default=4.0, metadata={"help": "llama3: wavelengths below original_max_positions / this are not scaled"})
+    rope_original_max_positions: int = field(
+        default=8192, metadata={"help": "llama3: the context length the model was pretrained with"})
     rms_norm_eps: float = field(default=1e-6, metadata={"help": "epsilon of every RMSNorm"})
     max_target_positions: int = field(default=2048, metadata={"help": "longest sequence the model accepts"})
     share_decoder_input_output_embed: bool = field(
@@ -65,6 +76,13 @@ def validate_config(cfg) -> None:
                                f"decoder_attention_heads ({heads}), or set head_dim")
     if (cfg.head_dim or cfg.decoder_embed_dim // heads) % 2:
         raise ModelConfigError("the head width must be even for rotary embeddings")
+    if cfg.rope_scaling not in ROPE_SCALINGS:
+        raise ModelConfigError(f"rope_scaling {cfg.rope_scaling!r}: expected one of {ROPE_SCALINGS}")
+    if cfg.rope_scaling != "none" and cfg.rope_scaling_factor <= 0:
+        raise ModelConfigError(f"rope_scaling_factor ({cfg.rope_scaling_factor}) must be positive")
+    if cfg.rope_scaling == "llama3" and not cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
+        raise ModelConfigError(f"rope_low_freq_factor ({cfg.rope_low_freq_factor}) must be below "
+                               f"rope_high_freq_factor ({cfg.rope_high_freq_factor})")
     if cfg.lora_rank < 0:
         raise ModelConfigError(f"lora_rank ({cfg.lora_rank}) must be 0 (no LoRA) or positive")
     if cfg.lora_rank == 0 and cfg.lora_base:
@@ -95,12 +113,32 @@ def rms_norm(dim: int, eps: float) -> nn.Module:
     return RMSNorm(dim, eps) if fused is None else fused
 
 
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+def rotary_frequencies(head_dim: int, cfg) -> Tensor:
+    """Inverse frequencies (head_dim / 2,) of the rotary embedding, scaled as `cfg.rope_scaling` says."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":  # position p is rotated as p / factor
+        return inv_freq / factor
+    if cfg.rope_scaling == "llama3":
+        # Llama 3.1: wavelengths longer than original / low_freq_factor are divided by the factor, shorter than
+        # original / high_freq_factor kept, and those between interpolated linearly in original / wavelength
+        wavelen = 2 * math.pi / inv_freq
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        smooth = (cfg.rope_original_max_positions / wavelen - low) / (high - low)
+        ramp = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelen > cfg.rope_original_max_positions / low, inv_freq / factor, ramp)
+        return torch.where(wavelen < cfg.rope_original_max_positions / high, inv_freq, scaled)
+    return inv_freq
+
+
 class Rotary(nn.Module):
     """cos/sin tables of the rotary embedding, in fp32, grown on demand."""
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int):
+    def __init__(self, inv_freq: Tensor, max_positions: int):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._build(max_positions)
 
@@ -218,7 +256,7 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
         self.norm = rms_norm(dim, cfg.rms_norm_eps)
         self.lm_head = None if cfg.share_decoder_input_output_embed else nn.Linear(dim, len(dictionary), bias=False)
         head_dim = cfg.head_dim or dim // cfg.decoder_attention_heads
-        self.rotary = Rotary(head_dim, cfg.rope_theta, cfg.max_target_positions)
+        self.rotary = Rotary(rotary_frequencies(head_dim, cfg), cfg.max_target_positions)
         # the vocabulary the embedding rows belong to; checked when a checkpoint is loaded
         digest = torch.tensor(list(bytes.fromhex(dictionary_digest(dictionary))), dtype=torch.uint8)
         self.register_buffer("vocab_digest", digest)

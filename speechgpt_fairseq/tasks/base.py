@@ -6,7 +6,7 @@ from pathlib import Path
 from fairseq.data import MMapIndexedDataset
 from fairseq.tasks import FairseqTask
 
-from speechgpt_fairseq.data.vocabulary import Vocabulary, VocabularyError
+from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary, VocabularyError, read_vocab_json, records_hold_bos
 from speechgpt_fairseq.models.generation import PromptPrefillGenerator
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class SpeechGPTTask(FairseqTask):
     @classmethod
     def setup_task(cls, cfg, **kwargs):
         vocab = load_data_vocabulary(cfg.data)
-        logger.info(f"vocabulary: {len(vocab)} tokens ({vocab.num_units} units, base {vocab.base_size})")
+        logger.info(f"vocabulary: {vocab.describe()}")
         return cls(cfg, vocab)
 
     @property
@@ -62,9 +62,15 @@ def load_data_vocabulary(data: str) -> Vocabulary:
         raise TaskDataError(f"{data}: no such data directory (task.data; relative paths start at the working "
                             f"directory {Path.cwd()})")
     try:
-        return Vocabulary.load(data)
+        raw = read_vocab_json(data)
+        vocab = Vocabulary.from_dict(raw, source=Path(data) / VOCAB_FILE)
     except VocabularyError as e:
         raise TaskDataError(str(e)) from None
+    if not records_hold_bos(raw):
+        raise TaskDataError(f"{Path(data) / VOCAB_FILE}: written by an earlier speechgpt-fairseq, whose records do not "
+                            f"start with the tokenizer's bos; binarize the data again (speechgpt prepare-units / "
+                            f"prepare-sft)")
+    return vocab
 
 
 def load_split(data: str, split: str) -> MMapIndexedDataset:

@@ -19,6 +19,7 @@ from speechgpt_fairseq.data.instruction_dataset import LOSS_SEGMENTS, Instructio
 from speechgpt_fairseq.data.instructions import SEGMENTS_SUFFIX
 from speechgpt_fairseq.data.prompts import EOA
 from speechgpt_fairseq.data.vocabulary import Vocabulary
+from speechgpt_fairseq.models.generation import prompt_batch
 from speechgpt_fairseq.tasks.base import SpeechGPTTask, TaskDataError, load_split
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,7 @@ class InstructionTask(SpeechGPTTask):
         except TaskDataError:
             raise TaskDataError(f"{self.cfg.data}/{name}{SEGMENTS_SUFFIX}.bin: missing; {name} was not written by "
                                 f"`speechgpt prepare-sft`") from None
-        d = self.dictionary
-        return InstructionDataset(tokens, segments, self.cfg.loss_policy, d.bos(), d.pad())
+        return InstructionDataset(tokens, segments, self.cfg.loss_policy, self.dictionary.pad())
 
     def _mixture(self, epoch: int):
         parts = []
@@ -97,21 +97,17 @@ class InstructionTask(SpeechGPTTask):
         """
         if "prompt_lengths" not in sample:
             raise ValueError("generation needs whole examples: set task.pack=false")
-        d = self.dictionary
+        pad = self.dictionary.pad()
         lengths = sample["prompt_lengths"].tolist()
-        src = sample["net_input"]["src_tokens"]
-        prompts = [src[i, 1:1 + n] for i, n in enumerate(lengths)]
+        prompts = [ref[:n] for ref, n in zip(sample["references"], lengths)]
         refs = [ref[n:] for ref, n in zip(sample["references"], lengths)]
-        prompt_tokens = data_utils.collate_tokens(prompts, d.pad(), left_pad=False)
-        sample["net_input"] = {"src_tokens": torch.cat([prompt_tokens.new_full((len(prompts), 1), d.bos()),
-                                                        prompt_tokens], 1),
-                               "src_lengths": torch.tensor([n + 1 for n in lengths])}
-        sample["target"] = data_utils.collate_tokens(refs, d.pad(), left_pad=False)
-        hypos = generator.generate(models, sample, prefix_tokens=prompt_tokens, constraints=constraints,
-                                   bos_token=d.bos())
+        src, first, forced = prompt_batch(prompts, pad)
+        sample["net_input"] = {"src_tokens": src, "src_lengths": torch.tensor(lengths)}
+        sample["target"] = data_utils.collate_tokens(refs, pad, left_pad=False)
+        hypos = generator.generate(models, sample, prefix_tokens=forced, constraints=constraints, bos_token=first)
         for n, beams in zip(lengths, hypos):
-            for h in beams:
-                h["tokens"], h["positional_scores"] = h["tokens"][n:], h["positional_scores"][n:]
+            for h in beams:  # a hypothesis holds the forced prompt after the start token, then the response
+                h["tokens"], h["positional_scores"] = h["tokens"][n - 1:], h["positional_scores"][n - 1:]
                 h["alignment"] = None
         return hypos
 

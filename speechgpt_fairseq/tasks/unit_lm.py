@@ -32,17 +32,17 @@ class UnitLMTask(SpeechGPTTask):
         records = load_split(self.cfg.data, split)
         d = self.dictionary
         if self.cfg.sample_break_mode == "none":
-            dataset = PackedBlocksDataset(records, self.cfg.tokens_per_sample, d.bos(), d.eos(), d.pad())
+            dataset = PackedBlocksDataset(records, self.cfg.tokens_per_sample, d.eos(), d.pad())
         else:
-            dataset = RecordDataset(records, d.bos(), d.eos(), d.pad())
+            dataset = RecordDataset(records, d.eos(), d.pad())
         logger.info(f"{split}: {len(records)} utterances, {int(records.sizes.sum())} tokens -> {len(dataset)} samples")
         self.datasets[split] = dataset
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
-        """Continue each utterance of the split: the prompt is the record, the bos the generator starts from."""
+        """Continue each utterance of the split: the prompt is the record (bos first when the tokenizer adds one);
+        the generator starts from its first token and is forced through the rest."""
         if self.cfg.sample_break_mode != "eos":
             raise ValueError("generation continues whole utterances: pass --sample-break-mode eos")
-        if prefix_tokens is None:
-            prefix_tokens = sample["net_input"]["src_tokens"][:, 1:]  # drop <s>
-        return generator.generate(models, sample, prefix_tokens=prefix_tokens, constraints=constraints,
-                                  bos_token=self.dictionary.bos())
+        src = sample["net_input"]["src_tokens"]
+        return generator.generate(models, sample, prefix_tokens=src[:, 1:], constraints=constraints,
+                                  bos_token=src[:, 0])

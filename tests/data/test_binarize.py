@@ -1,4 +1,6 @@
-"""prepare-units: both unit formats, fairseq-readable output, counted skips, clear errors, nothing partial."""
+"""prepare-units: both unit formats, repeats of k-means labels merged, bos as the tokenizer says, fairseq-readable
+output, counted skips, clear errors, nothing partial."""
+import dataclasses
 import tracemalloc
 
 import numpy as np
@@ -17,7 +19,7 @@ def vocab():
 
 def ids(vocab, units, closed=True):
     v = vocab
-    return [v.index["<sosp>"], *(v.unit_id(u) for u in units), *([v.index["<eosp>"]] if closed else [])]
+    return [*v.bos_ids, v.index["<sosp>"], *(v.unit_id(u) for u in units), *([v.index["<eosp>"]] if closed else [])]
 
 
 def read(prefix):
@@ -34,6 +36,29 @@ def test_both_formats_give_the_same_records(vocab, tmp_path):
                                                                               ids(vocab, [49, 0])]
     assert [(s.records, s.skipped) for s in stats] == [(2, {"empty line": 1}), (2, {"empty line": 1})]
     assert Vocabulary.load(tmp_path / "out") == vocab
+
+
+def test_kmeans_repeats_are_merged_unless_asked_not_to(vocab, tmp_path):
+    """k-means labels come one per frame; SpeechGPT's units (and the vocoder's input) have runs merged. Unit strings
+    are taken as written."""
+    (tmp_path / "a.km").write_text("7 7 7 3 3 7 9 9\n")
+    (tmp_path / "b.txt").write_text("<sosp><7><7><3><eosp>\n")
+    prepare_units({"km": tmp_path / "a.km", "sg": tmp_path / "b.txt"}, tmp_path / "out", vocab, show_progress=False)
+    assert read(tmp_path / "out" / "km") == [ids(vocab, [7, 3, 7, 9])]
+    assert read(tmp_path / "out" / "sg") == [ids(vocab, [7, 7, 3])]
+    prepare_units({"km": tmp_path / "a.km"}, tmp_path / "frames", vocab, show_progress=False, dedup=False)
+    assert read(tmp_path / "frames" / "km") == [ids(vocab, [7, 7, 7, 3, 3, 7, 9, 9])]
+
+
+def test_records_start_with_bos_only_when_the_tokenizer_adds_it(vocab, tmp_path):
+    (tmp_path / "a.km").write_text("1 2\n")
+    no_bos = dataclasses.replace(vocab, add_bos=False)
+    prepare_units({"with": tmp_path / "a.km"}, tmp_path / "with", vocab, show_progress=False)
+    prepare_units({"without": tmp_path / "a.km"}, tmp_path / "without", no_bos, show_progress=False)
+    sosp = vocab.index["<sosp>"]
+    assert read(tmp_path / "with" / "with")[0][:2] == [vocab.bos, sosp]
+    assert read(tmp_path / "without" / "without")[0][:1] == [sosp]
+    assert not Vocabulary.load(tmp_path / "without").add_bos
 
 
 def test_prompts_stay_open(vocab, tmp_path):

@@ -23,23 +23,31 @@ class Records:
         return len(self.rows)
 
 
-TOKENS = Records([[10, 11, 12, 13, 2], [20, 21, 22, 2], [30, 31, 32, 33, 34, 35, 2]])
-SEGS = Records([[SYSTEM, PROMPT, PROMPT, RESPONSE, RESPONSE], [PROMPT, PROMPT, RESPONSE, RESPONSE],
+# records as prepare-sft writes them: bos (1) when the tokenizer adds one, the text, </s> (2)
+TOKENS = Records([[1, 10, 11, 12, 13, 2], [1, 20, 21, 22, 2], [30, 31, 32, 33, 34, 35, 2]])
+SEGS = Records([[SYSTEM, SYSTEM, PROMPT, PROMPT, RESPONSE, RESPONSE], [PROMPT, PROMPT, PROMPT, RESPONSE, RESPONSE],
                 [SYSTEM, SYSTEM, PROMPT, RESPONSE, RESPONSE, RESPONSE, RESPONSE]])
 
 
 @pytest.mark.parametrize("policy,expected", [
     ("response", [0, 0, 0, 13, 2]), ("prefix", [0, 11, 12, 13, 2]), ("all", [10, 11, 12, 13, 2])])
 def test_loss_policies(policy, expected):
-    ds = InstructionDataset(TOKENS, SEGS, policy, bos=1, pad=0)
+    ds = InstructionDataset(TOKENS, SEGS, policy, pad=0)
     item = ds[0]
     assert item["source"].tolist() == [1, 10, 11, 12, 13]
     assert item["target"].tolist() == expected
-    assert item["prompt_length"] == 3 and item["reference"].tolist() == [10, 11, 12, 13, 2]
+    assert item["prompt_length"] == 4 and item["reference"].tolist() == [1, 10, 11, 12, 13, 2]
+
+
+def test_a_record_without_bos_predicts_from_its_first_token():
+    """A tokenizer that adds no bos: the first token is read, never predicted; </s> is still a target."""
+    item = InstructionDataset(TOKENS, SEGS, "all", pad=0)[2]
+    assert item["source"].tolist() == [30, 31, 32, 33, 34, 35]
+    assert item["target"].tolist() == [31, 32, 33, 34, 35, 2]
 
 
 def test_batches_are_length_bucketed():
-    ds = InstructionDataset(TOKENS, SEGS, "response", bos=1, pad=0)
+    ds = InstructionDataset(TOKENS, SEGS, "response", pad=0)
     order = ds.ordered_indices()
     assert list(ds.sizes[order]) == sorted(ds.sizes)
 
@@ -63,7 +71,7 @@ def test_packed_loss_equals_the_examples_alone():
 
     torch.manual_seed(0)
     model = SpeechGPTLlamaModel.build_model(SpeechGPTLlamaConfig(decoder_kv_heads=2, init_std=0.3), Task).eval()
-    ds = InstructionDataset(TOKENS, SEGS, "prefix", bos=1, pad=0)
+    ds = InstructionDataset(TOKENS, SEGS, "prefix", pad=0)
     packed = PackedInstructionDataset(ds, row_tokens=12, pad=0)
     assert len(packed) == 2
 
@@ -78,6 +86,6 @@ def test_packed_loss_equals_the_examples_alone():
 
 
 def test_packing_refuses_examples_longer_than_a_row():
-    ds = InstructionDataset(TOKENS, SEGS, "response", bos=1, pad=0)
-    with pytest.raises(ValueError, match="1 examples are longer than a packed row of 6 tokens"):
-        PackedInstructionDataset(ds, row_tokens=6, pad=0)
+    ds = InstructionDataset(TOKENS, SEGS, "response", pad=0)
+    with pytest.raises(ValueError, match="1 examples are longer than a packed row of 5 tokens"):
+        PackedInstructionDataset(ds, row_tokens=5, pad=0)

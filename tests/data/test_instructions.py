@@ -23,8 +23,8 @@ def line(prefix, plain_text):
 def test_segments_split_system_prompt_and_response(vocab):
     ex = Example("You are a helpful assistant.\n", cross_modal("Transcribe it.", "<sosp><1><2><eosp>", "a cup"))
     ids, segs = encode_example(ex, vocab)
-    assert len(ids) == len(segs) and ids[-1] == vocab.eos
-    system = vocab.encode(ex.prefix)
+    assert len(ids) == len(segs) and ids[0] == vocab.bos and ids[-1] == vocab.eos
+    system = vocab.encode_prompt(ex.prefix)
     assert ids[:len(system)] == system and set(segs[:len(system)]) == {SYSTEM}
     prompt_end = segs.index(RESPONSE)
     assert vocab.tokens[ids[prompt_end - 1]] == ":" or vocab.decode(ids[:prompt_end]).endswith("[SpeechGPT]:")
@@ -37,7 +37,7 @@ def test_response_is_encoded_as_the_model_will_see_it(vocab):
     ex = Example("", cross_modal("Say it.", "the quick fox", "<sosp><3><4><eosp>"))
     ids, segs = encode_example(ex, vocab)
     prompt = [i for i, s in zip(ids, segs) if s == PROMPT]
-    assert prompt == vocab.encode(ex.plain_text[:ex.plain_text.index("[SpeechGPT]:") + len("[SpeechGPT]:")])
+    assert prompt == vocab.encode_prompt(ex.plain_text[:ex.plain_text.index("[SpeechGPT]:") + len("[SpeechGPT]:")])
 
 
 def test_binarized_examples_read_back(vocab, tmp_path):
@@ -85,7 +85,7 @@ def test_speechinstruct_records_load_as_they_are(vocab, tmp_path):
     prepare_instructions({"train": tmp_path / "si.jsonl"}, tmp_path / "out", vocab, show_progress=False)
     tokens = MMapIndexedDataset(str(tmp_path / "out" / "train"))
     segs = MMapIndexedDataset(str(tmp_path / "out" / "train.seg"))
-    ds = InstructionDataset(tokens, segs, "prefix", bos=vocab.bos, pad=vocab.pad)
+    ds = InstructionDataset(tokens, segs, "prefix", pad=vocab.pad)
     target = ds[0]["target"].tolist()
     n_system = len(vocab.encode(system))
     assert set(target[:n_system]) == {vocab.pad}  # no loss on the system text

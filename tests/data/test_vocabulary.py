@@ -125,3 +125,59 @@ def test_continuation_encodes_as_inside_a_string(kind, sentencepiece_model, toke
     prompt, response = "[Human]: hello there<eoh> [SpeechGPT]:", " the quick fox<eoa>"
     assert v.encode(prompt) + v.encode(response, continuation=True) == v.encode(prompt + response)
     assert v.encode("<eoh>café")[1:] == v.encode("café", continuation=True)
+
+
+def tokenizer_dir(tmp_path, tokenizer_json, config: dict, generation: dict | None = None):
+    d = tmp_path / "tok"
+    d.mkdir(exist_ok=True)
+    (d / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    if generation is not None:
+        (d / "generation_config.json").write_text(json.dumps(generation))
+    return d
+
+
+def test_pad_is_never_an_eos_or_bos(tokenizers_json, tmp_path, caplog):
+    """fairseq never predicts its padding id: pad = eos would never learn </s>, nor stop generating."""
+    caplog.set_level("INFO")
+    names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+    v = Vocabulary.from_tokenizer(tokenizer_dir(tmp_path, tokenizers_json, {**names, "pad_token": "<|end_of_text|>",
+                                                                            "unk_token": "<|begin_of_text|>"}))
+    assert v.tokens[v.pad] == "<pad>" and v.pad == len(v) - 1
+    assert "its pad <|end_of_text|> is an eos; its unk <|begin_of_text|> is bos" in caplog.text
+    v = Vocabulary.from_tokenizer(tokenizer_dir(tmp_path, tokenizers_json, {**names, "pad_token": "<|end_of_text|>",
+                                                                            "unk_token": "a"}))
+    assert v.tokens[v.pad] == "a" and v.tokens[-1] == "<eos>"  # unk is free: no row appended
+
+
+def test_eos_ids_come_from_generation_config(tokenizers_json, tmp_path):
+    names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+    v = Vocabulary.from_tokenizer(tokenizer_dir(tmp_path, tokenizers_json, names, {"eos_token_id": [1, 5]}),
+                                  num_units=20)
+    assert v.eos_ids == [1, 5] and v.eos == 1 and v.pad not in (0, 1, 5)
+    assert v.decode([v.index["a"], 5, 1]) == "a"  # every eos is left out of decoded text
+    with pytest.raises(VocabularyError, match=r"tok/tokenizer.json: eos ids \[4000\] .* are not tokens"):
+        Vocabulary.from_tokenizer(tokenizer_dir(tmp_path, tokenizers_json, names, {"eos_token_id": 4000}))
+
+
+@pytest.mark.parametrize("config,add_bos", [({}, True), ({"add_bos_token": True}, True),
+                                            ({"add_bos_token": False}, False)])
+def test_sentencepiece_bos_follows_tokenizer_config(sentencepiece_model, tmp_path, config, add_bos):
+    """LlamaTokenizer's documented default adds bos; a tokenizer_config.json that says otherwise is followed."""
+    (tmp_path / "tokenizer.model").write_bytes(sentencepiece_model.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    v = Vocabulary.from_tokenizer(tmp_path, num_units=20)
+    assert v.add_bos == add_bos and v.encode_prompt("the fox") == [1] * add_bos + v.encode("the fox")
+
+
+def test_tokenizers_json_bos_follows_its_post_processor(tokenizers_json, tmp_path):
+    from tokenizers import Tokenizer, processors
+
+    names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+    assert not Vocabulary.from_tokenizer(tokenizer_dir(tmp_path, tokenizers_json, names), num_units=20).add_bos
+    tok = Tokenizer.from_file(str(tokenizers_json))
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    tok.save(str(tmp_path / "llama3.json"))
+    v = Vocabulary.from_tokenizer(tokenizer_dir(tmp_path, tmp_path / "llama3.json", names), num_units=20)
+    assert v.add_bos and v.encode_prompt("the fox")[0] == 0

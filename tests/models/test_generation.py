@@ -1,9 +1,11 @@
-"""The generator: stop text (several tokens, not inside the prompt) and prompt prefill, on a known model."""
+"""The generator: stop text (several tokens, not inside the prompt), prompt prefill, per-prompt start tokens and
+length limits, on a known model."""
+import pytest
 import torch
 
 import speechgpt_fairseq  # noqa: F401
 from speechgpt_fairseq.data.vocabulary import Vocabulary
-from speechgpt_fairseq.models.generation import PromptPrefillGenerator
+from speechgpt_fairseq.models.generation import PromptPrefillGenerator, prompt_batch
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 
 
@@ -80,3 +82,27 @@ def test_prompt_steps_do_not_run_the_model_and_score_zero():
     assert runs[0] == 7 and runs[1:] == [1] * (len(runs) - 1)  # one pass over <s> + prompt, then per token
     assert len(runs) == 1 + (len(hypo["tokens"]) - 1 - 6)  # no run for the prompt steps
     assert hypo["positional_scores"][:6].eq(0).all()
+
+
+def batch_generate(model, prompts: list[list[str]], **limits):
+    d = model.decoder.dictionary
+    src, first, forced = prompt_batch([torch.tensor([VOCAB.index[t] for t in p]) for p in prompts], d.pad())
+    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor([len(p) for p in prompts])},
+              "id": torch.arange(len(prompts))}
+    gen = PromptPrefillGenerator([model], d, beam_size=1, **limits)
+    hypos = gen.generate([model], sample, prefix_tokens=forced, bos_token=first)
+    return [[VOCAB.tokens[i] for i in h[0]["tokens"].tolist()] for h in hypos]
+
+
+def test_each_prompt_starts_from_its_own_first_token():
+    """Without a bos (a tokenizer that adds none), a prompt's first token is where its hypothesis starts."""
+    model = chain_model(VOCAB, CHAIN)
+    rows = batch_generate(model, [["<sosp>", "<1>"], ["<3>"]], max_len_a=0, max_len_b=5)
+    assert rows[0] == ["<1>", "<2>", "<3>", "<4>", "<0>", "</s>"]  # <1> forced, then four generated
+    assert rows[1] == ["<4>", "<0>", "<1>", "<2>", "<3>", "</s>"]  # from <3>, not from <s> (which gives <sosp>)
+
+
+def test_a_prompt_longer_than_the_length_limit_is_refused():
+    model = chain_model(VOCAB, CHAIN)
+    with pytest.raises(ValueError, match="a prompt of 4 tokens does not fit the length limit of 2"):
+        batch_generate(model, [["<sosp>", "<1>", "<2>", "<3>"]], max_len_a=0, max_len_b=2)

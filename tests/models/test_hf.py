@@ -84,17 +84,18 @@ def test_fairseq_generate_equals_hf_generate(converted, tmp_path, cli):
 
     hf = LlamaForCausalLM.from_pretrained(export_hf(converted / "checkpoint.pt", tmp_path / "hf")).eval()
     for i, prompt in enumerate(prompts):
-        ids = vocab.encode(prompt)
+        ids = vocab.encode_prompt(prompt)  # bos first only where the tokenizer adds it
         with torch.no_grad():
-            gen = hf.generate(torch.tensor([[vocab.bos] + ids]), max_new_tokens=max_len - len(ids), do_sample=False,
-                              suppress_tokens=[vocab.pad],  # fairseq never emits pad (LLaMA's pad is <unk>)
-                              eos_token_id=vocab.eos, pad_token_id=vocab.pad)[0, 1:].tolist()
-        if gen[-1] == vocab.eos:
-            gen = gen[:-1]
-        assert len(gen) > len(ids)
-        # fairseq-generate prints hypotheses without bos symbols; the count of positional scores has them all
-        assert ours[i] == [t for t in gen if t != vocab.bos], f"prompt {i}"
-        assert n_scores[i] == len(gen) + 1, f"prompt {i}"
+            full = hf.generate(torch.tensor([ids]), max_new_tokens=max_len - (len(ids) - 1), do_sample=False,
+                               suppress_tokens=[vocab.pad],  # fairseq never emits pad (LLaMA's pad is <unk>)
+                               eos_token_id=vocab.eos, pad_token_id=vocab.pad)[0].tolist()
+        if full[-1] == vocab.eos:
+            full = full[:-1]
+        assert len(full) > len(ids)
+        # a hypothesis holds what follows the prompt's first token; fairseq-generate prints it without bos
+        # symbols, and the count of positional scores has them all (and the final eos)
+        assert ours[i] == [t for t in full[1:] if t != vocab.bos], f"prompt {i}"
+        assert n_scores[i] == len(full), f"prompt {i}"
 
 
 def test_export_then_import_reproduces_every_tensor(converted, tmp_path):
@@ -173,8 +174,10 @@ def test_bad_hf_directories(make_hf_llama, sentencepiece_model, tmp_path):
 
     with pytest.raises(HFCheckpointError, match="expected a LLaMA"):
         convert_hf(variant("gpt2", model_type="gpt2", architectures=["GPT2LMHeadModel"]), tmp_path / "o3")
-    with pytest.raises(HFCheckpointError, match="rope scaling"):
-        convert_hf(variant("scaled", rope_scaling={"rope_type": "llama3", "factor": 8.0}), tmp_path / "o4")
+    with pytest.raises(HFCheckpointError, match="rope scaling 'dynamic' \\(supported: default, linear, llama3\\)"):
+        convert_hf(variant("dynamic", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), tmp_path / "o4")
+    with pytest.raises(HFCheckpointError, match="rope scaling 'llama3' without \\['low_freq_factor'"):
+        convert_hf(variant("llama3", rope_scaling={"rope_type": "llama3", "factor": 8.0}), tmp_path / "o4")
     with pytest.raises(HFCheckpointError, match="do not match config.json"):
         convert_hf(variant("wider", hidden_size=128), tmp_path / "o5")
     noweights = variant("noweights")

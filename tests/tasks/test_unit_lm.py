@@ -108,6 +108,22 @@ def test_missing_data_directory_is_named(cli, tmp_path):
     assert run.returncode != 0 and f"{tmp_path / 'nowhere'}: no such data directory" in run.stderr
 
 
+def test_data_of_an_earlier_format_is_refused(tmp_path):
+    """Data binarized before records held the tokenizer's bos (vocab.json format /1) would train without it."""
+    import json
+
+    from speechgpt_fairseq.data.vocabulary import Vocabulary
+    from speechgpt_fairseq.tasks.base import TaskDataError, load_data_vocabulary
+
+    old = {k: v for k, v in Vocabulary.units_only(10).to_dict().items() if k not in ("add_bos", "eos_ids",
+                                                                                      "text_encoding")}
+    old["format"] = "speechgpt-fairseq-vocab/1"
+    (tmp_path / "vocab.json").write_text(json.dumps(old))
+    with pytest.raises(TaskDataError, match="vocab.json: written by an earlier .* binarize the data again"):
+        load_data_vocabulary(str(tmp_path))
+    assert Vocabulary.from_dict(old) == Vocabulary.units_only(10)  # a checkpoint's vocabulary of format /1 loads
+
+
 def test_generation_needs_whole_utterances(cli, tmp_path):
     train(cli, tmp_path, "optimization.max_update=2", "dataset.disable_validation=true")
     ckpt = tmp_path / "checkpoints" / "stage1-tiny" / "checkpoint_last.pt"
