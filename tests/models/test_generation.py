@@ -3,7 +3,9 @@ length limits, on a known model."""
 import pytest
 import torch
 
-import speechgpt_fairseq  # noqa: F401
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 from speechgpt_fairseq.data.vocabulary import Vocabulary
 from speechgpt_fairseq.models.generation import PromptPrefillGenerator, prompt_batch
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
