@@ -44,4 +44,4 @@ if "$PY" -c "import importlib.metadata as m; m.version('apex')" 2>/dev/null \
 fi
 
 pip_install -e ".[test]"
-"$PY" -c "import speechgpt_fairseq, fairseq, torch; print('speechgpt-fairseq ready: torch', torch.__version__, '| fairseq', fairseq.__version__)"
+"$PY" -c "import speechgpt_fairseq; speechgpt_fairseq.register(); import fairseq, torch; print('speechgpt-fairseq ready: torch', torch.__version__, '| fairseq', fairseq.__version__)"

@@ -7,6 +7,7 @@ proves each one (the multi-process ones, with tests/test_distributed.py's traini
 from __future__ import annotations
 
 import argparse
+import logging
 import types
 
 import numpy as np
@@ -186,11 +187,19 @@ def _ddp_on_cpu() -> None:
     distributed_fairseq_model.DistributedDataParallel = ddp
 
 
+def _no_tensorboardx_advice() -> None:
+    """Importing fairseq logs "Please install tensorboardX" (text_to_speech.py) when it is absent: advice for a
+    task we never run, printed before every command's own output. Dropped from that logger only."""
+    logging.getLogger("fairseq.tasks.text_to_speech").addFilter(
+        lambda record: "tensorboardX" not in record.getMessage())
+
+
 def apply() -> None:
     """Apply every fix once; `speechgpt_fairseq.register()` calls this."""
     global _applied
     if _applied:
         return
+    _no_tensorboardx_advice()  # before the first import of fairseq
     _restore_np_compat_long()
     _keep_last_batch()
     _allow_fairseq_checkpoint_globals()

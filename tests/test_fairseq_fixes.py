@@ -215,3 +215,13 @@ except ValueError as e:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     assert "torchrun: integer modulo by zero" in out
     assert "pytorch_ddp: DistributedDataParallel device_ids and output_device arguments only work" in out
+
+
+def test_registering_prints_no_tensorboardx_advice():
+    """fairseq's import-time "Please install tensorboardX" is gone from our commands; fairseq alone still says it."""
+    def output(code: str) -> str:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return run.stdout + run.stderr
+
+    assert "tensorboardX" not in output("import speechgpt_fairseq; speechgpt_fairseq.register(); import fairseq")
+    assert "tensorboardX" in output("import logging; logging.basicConfig(level='INFO'); import fairseq")
