@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 class OutputExistsError(ValueError):
@@ -34,13 +34,31 @@ def _scratch_dir(parent: Path, prefix: str) -> Path:
     return scratch
 
 
-@contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a scratch directory that becomes `out` when the block succeeds. A non-empty `out` is refused
-    unless `overwrite`, and is replaced only at the end."""
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse, before any work, an output directory whose replacement would lose something: a non-empty one
+    without `overwrite`; with or without it, one that is, holds or lies inside an input, or that is the working
+    directory or one above it."""
     out = Path(out)
+    where, cwd = out.resolve(), Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        raise OutputExistsError(f"{out}: is the working directory or holds it; write to a directory of its own")
+    for source in map(Path, inputs):
+        held = source.resolve()
+        if where == held or where in held.parents or held in where.parents:
+            raise OutputExistsError(f"{out}: is, holds or lies inside the input {source}; write somewhere else")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False,
+               inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a scratch directory that becomes `out` when the block succeeds; `out` is checked first
+    (`check_output_dir`) and replaced only at the end."""
+    out = Path(out)
+    check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = _scratch_dir(out.parent, f".{out.name}.incomplete-")
     try:

@@ -1,10 +1,12 @@
 """Outputs land whole or not at all, and an existing output is not replaced unasked."""
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
-from speechgpt_fairseq.atomic_files import OutputExistsError, atomic_dir, atomic_file, atomic_files_into
+from speechgpt_fairseq.atomic_files import (OutputExistsError, atomic_dir, atomic_file, atomic_files_into,
+                                             check_output_dir)
 
 
 def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -52,3 +54,23 @@ def test_atomic_files_into_keeps_other_files(tmp_path):
         (scratch / "train.bin").write_text("new train")
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "train.bin"]
     assert (tmp_path / "train.bin").read_text() == "new train"
+
+
+def test_outputs_that_would_lose_an_input_or_the_working_directory(tmp_path, monkeypatch):
+    source = tmp_path / "work" / "model"
+    source.mkdir(parents=True)
+    (source / "weights").write_text("input")
+    monkeypatch.chdir(tmp_path / "work")
+    refused = {source: "is, holds or lies inside the input", source / "sub": "is, holds or lies inside the input",
+               tmp_path / "work": "working directory", tmp_path: "working directory", Path("."): "working directory"}
+    for out, reason in refused.items():
+        with pytest.raises(OutputExistsError, match=reason):
+            with atomic_dir(out, overwrite=True, inputs=[source]) as scratch:
+                (scratch / "result").write_text("new")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == \
+        ["work", "work/model", "work/model/weights"]
+    with atomic_dir(tmp_path / "elsewhere", inputs=[source]) as scratch:  # beside the input is fine
+        (scratch / "result").write_text("new")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError, match="not a directory"):
+        check_output_dir(tmp_path / "file", overwrite=True)

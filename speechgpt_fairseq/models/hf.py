@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from omegaconf import OmegaConf
 
-from speechgpt_fairseq.atomic_files import atomic_dir
+from speechgpt_fairseq.atomic_files import atomic_dir, check_output_dir
 from speechgpt_fairseq.data.vocabulary import SLOW_433, VOCAB_FILE, Vocabulary
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, validate_config
 from speechgpt_fairseq.models.lora import LORA_TARGETS, load_base_weights, merge_lora_state
@@ -351,20 +351,22 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, num_units: int
                overwrite: bool = False) -> Path:
     """HF LlamaForCausalLM directory -> `out/checkpoint.pt` + `out/vocab.json` (+ `out/model.yaml`)."""
     hf_dir, out = Path(hf_dir), Path(out)
+    check_output_dir(out, overwrite, inputs=[hf_dir])
     config = read_hf_config(hf_dir)
     vocab = Vocabulary.from_tokenizer(hf_dir, num_units)
     model_cfg = model_config_from_hf(config)
     logger.info(f"rotary embedding: theta {model_cfg.rope_theta:g}, scaling {model_cfg.rope_scaling}"
                 + (f" (factor {model_cfg.rope_scaling_factor:g})" if model_cfg.rope_scaling != "none" else ""))
     state = fairseq_state_from_hf(hf_dir, model_cfg, vocab)
-    write_checkpoint_dir(out, state, model_cfg, vocab, overwrite)
+    write_checkpoint_dir(out, state, model_cfg, vocab, overwrite, inputs=[hf_dir])
     return out
 
 
 def write_checkpoint_dir(out: Path, weights: dict, model_cfg: SpeechGPTLlamaConfig, vocab: Vocabulary,
-                         overwrite: bool) -> None:
-    """`out/checkpoint.pt`, `out/vocab.json` and `out/model.yaml`, written all together or not at all."""
-    with atomic_dir(out, overwrite) as scratch:
+                         overwrite: bool, inputs: list[Path]) -> None:
+    """`out/checkpoint.pt`, `out/vocab.json` and `out/model.yaml`, written all together or not at all; `out` may not
+    be, hold or lie in one of `inputs`."""
+    with atomic_dir(out, overwrite, inputs) as scratch:
         vocab.save(scratch / VOCAB_FILE)
         torch.save(fairseq_checkpoint(weights, model_cfg, vocab, data=str(out.resolve())), scratch / "checkpoint.pt")
         model_yaml = {**OmegaConf.to_container(OmegaConf.structured(model_cfg)), "_name": "speechgpt_llama"}
@@ -380,13 +382,14 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
     from safetensors.torch import save_file
 
     checkpoint, out = Path(checkpoint), Path(out)
+    check_output_dir(out, overwrite, inputs=[checkpoint])
     state = load_fairseq_checkpoint(checkpoint)
     model_cfg = checkpoint_model_config(state, checkpoint)
     vocab = checkpoint_vocabulary(state, checkpoint)
     tensors = {fairseq_to_hf_name(k): v.contiguous() for k, v in plain_weights(state, model_cfg).items()
                if k != "decoder.vocab_digest"}
     dtype = next(iter(tensors.values())).dtype
-    with atomic_dir(out, overwrite) as scratch:
+    with atomic_dir(out, overwrite, inputs=[checkpoint]) as scratch:
         _save_sharded(tensors, scratch, max_shard_bytes, save_file)
         (scratch / "config.json").write_text(json.dumps(hf_config_from_model(model_cfg, vocab, dtype), indent=2))
         (scratch / "generation_config.json").write_text(json.dumps(
@@ -578,14 +581,12 @@ def import_peft(base: str | os.PathLike, out: str | os.PathLike, adapter: str | 
     """A fairseq checkpoint of ours + a PEFT LoRA adapter -> a checkpoint directory like convert-hf's: with `merge`
     the merged model, otherwise a LoRA model whose checkpoint holds only the adapter (lora_base = BASE)."""
     base, out, adapter = _checkpoint_file(Path(base)), Path(out), Path(adapter)
+    check_output_dir(out, overwrite, inputs=[base, adapter])
     state = load_fairseq_checkpoint(base)
     model_cfg, vocab = checkpoint_model_config(state, base), checkpoint_vocabulary(state, base)
     if model_cfg.lora_rank:
         raise HFCheckpointError(f"{base}: a LoRA checkpoint (lora_rank {model_cfg.lora_rank}); the base must hold "
                                 f"plain weights (export-hf, then convert-hf, merges it)")
-    if not merge and out.resolve() in base.resolve().parents:
-        raise HFCheckpointError(f"{out}: holds the base checkpoint {base}, which the LoRA checkpoint refers to; "
-                                f"write it elsewhere")
     lora = read_peft_adapter(adapter, state["model"], model_cfg.decoder_layers)
     logger.info(f"adapter: r={lora.rank}, scaling {lora.alpha / lora.rank:g}, on {', '.join(lora.targets)}")
     if merge:
@@ -594,5 +595,5 @@ def import_peft(base: str | os.PathLike, out: str | os.PathLike, adapter: str | 
         weights = lora.weights
         model_cfg = replace(model_cfg, lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             lora_target_modules=",".join(lora.targets), lora_base=str(base.resolve()))
-    write_checkpoint_dir(out, weights, model_cfg, vocab, overwrite)
+    write_checkpoint_dir(out, weights, model_cfg, vocab, overwrite, inputs=[base, adapter])
     return out

@@ -189,6 +189,27 @@ def test_bad_hf_directories(make_hf_llama, sentencepiece_model, tmp_path):
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())  # nothing half-written
 
 
+def test_overwrite_never_removes_an_input_or_the_working_directory(cli, make_hf_llama, sentencepiece_model,
+                                                                     tmp_path):
+    """The three ways --overwrite lost data: into the HF input, into the checkpoint's own directory, into `.`."""
+    def snapshot(path):
+        return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+    hf = make_hf_llama(tmp_path / "hf", sentencepiece_model)
+    converted = cli("speechgpt", "convert-hf", hf, tmp_path / "fs", "--num-units", 20).returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    runs = [("convert-hf", hf, hf), ("export-hf", tmp_path / "fs" / "checkpoint.pt", tmp_path / "fs"),
+            ("convert-hf", hf, ".")]
+    for verb, source, out in runs:
+        run = cli("speechgpt", verb, source, out, "--overwrite", cwd=work, check=False)
+        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+        assert "input" in run.stderr.splitlines()[-1] or "working directory" in run.stderr.splitlines()[-1]
+    assert converted and snapshot(tmp_path) == before
+
+
 def test_existing_output_is_not_overwritten(make_hf_llama, sentencepiece_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
