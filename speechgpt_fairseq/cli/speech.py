@@ -55,11 +55,22 @@ def listed_audio(inputs: list[str]) -> list[AudioEntry]:
     return entries
 
 
+def file_sha256(path: Path) -> str:
+    """The content digest of a model file a resumable run depends on: a file refitted or replaced at the same
+    path is another model."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def feature_settings(args) -> dict:
     if args.hubert is None:
         return {"features": "mfcc"}
-    return {"hubert": str(Path(args.hubert).resolve()), "layer": args.layer, "max_chunk": args.max_chunk,
-            "bf16": args.bf16}
+    hubert = Path(args.hubert).resolve()
+    return {"hubert": str(hubert), "hubert_sha256": file_sha256(hubert), "layer": args.layer,
+            "max_chunk": args.max_chunk, "bf16": args.bf16}
 
 
 def skipped_report(skipped: list[list[str]]) -> str:
@@ -195,8 +206,9 @@ def label_split(speech2unit: SpeechToUnits, split: str, entries: list[AudioEntry
     stem = split if args.nshard == 1 else f"{split}_{args.shard}_{args.nshard}"
     suffixes = ["km", "units", "names"] + (["dur"] if args.durations else [])
     listing = "\n".join(f"{e.path}\t{e.num_samples}" for e in entries).encode("utf-8")
-    settings = {"inputs": hashlib.sha256(listing).hexdigest(), "files": len(entries),
-                "kmeans": str(Path(args.kmeans).resolve()), **feature_settings(args), "dedup": args.dedup,
+    kmeans = Path(args.kmeans).resolve()
+    settings = {"inputs": hashlib.sha256(listing).hexdigest(), "files": len(entries), "kmeans": str(kmeans),
+                "kmeans_sha256": file_sha256(kmeans), **feature_settings(args), "dedup": args.dedup,
                 "durations": args.durations}
     progress = ShardProgress(Path(args.out), stem, suffixes, settings, args.overwrite)
     started, seconds_before = time.perf_counter(), progress.state["seconds"]

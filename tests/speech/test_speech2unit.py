@@ -2,6 +2,7 @@
 `speechgpt speech2unit` command, sharding, resuming after a kill, and bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import soundfile as sf
 
 from speechgpt_fairseq.cli.main import main
 from speechgpt_fairseq.speech.audio import AudioEntry, AudioError, read_audio
-from speechgpt_fairseq.speech.kmeans import KmeansLabeler, fit_kmeans, save_kmeans
+from speechgpt_fairseq.speech.kmeans import KmeansLabeler, fit_kmeans, load_kmeans, save_kmeans
 from speechgpt_fairseq.speech.mfcc import mfcc_features
 from speechgpt_fairseq.speech.speech2unit import (SpeechFeatures, SpeechToUnits, length_batches, read_windows,
                                                   shard_range)
@@ -289,9 +290,14 @@ def test_resume_after_kill_gives_the_uninterrupted_output(cli, tiny_hubert, hube
 
 
 def test_resume_refuses_other_settings(tiny_hubert, hubert_kmeans, corpus, tmp_path, monkeypatch, capsys):
-    """An interrupted run (simulated: stopped after its first window) continues only with its own settings."""
-    args = ["speech2unit", str(corpus / "train.tsv"), "--kmeans", str(hubert_kmeans), "--hubert", str(tiny_hubert),
-            "--layer", "2", "--out", str(tmp_path), "--max-batch-samples", "3000", "--no-progress"]
+    """An interrupted run (simulated: stopped after its first window) continues only with its own settings and
+    models: a k-means refitted at the same path is refused."""
+    kmeans = tmp_path / "kmeans" / "km.bin"
+    kmeans.parent.mkdir()
+    shutil.copy(hubert_kmeans, kmeans)
+    out = tmp_path / "out"
+    args = ["speech2unit", str(corpus / "train.tsv"), "--kmeans", str(kmeans), "--hubert", str(tiny_hubert),
+            "--layer", "2", "--out", str(out), "--max-batch-samples", "3000", "--no-progress"]
     original, calls = SpeechToUnits.labels, []
 
     def interrupted(self, *a, **k):
@@ -303,11 +309,15 @@ def test_resume_refuses_other_settings(tiny_hubert, hubert_kmeans, corpus, tmp_p
     with pytest.raises(KeyboardInterrupt):
         main(args)
     monkeypatch.setattr(SpeechToUnits, "labels", original)
-    assert 0 < json.loads((tmp_path / ".train.partial" / "state.json").read_text())["done"] < 9
+    assert 0 < json.loads((out / ".train.partial" / "state.json").read_text())["done"] < 9
     assert main(args[:-3] + ["--layer", "1", "--no-progress"]) == 1
     assert "holds an interrupted run with other settings (layer: 2 then, 1 now)" in capsys.readouterr().err
+    save_kmeans(fit_kmeans(load_kmeans(hubert_kmeans).cluster_centers_, 4, seed=0), kmeans)  # refitted in place
+    assert main(args) == 1
+    assert "with other settings (kmeans_sha256:" in capsys.readouterr().err
+    shutil.copy(hubert_kmeans, kmeans)
     assert main(args) == 0
-    assert len(read_lines(tmp_path / "train.km")) == 9
+    assert len(read_lines(out / "train.km")) == 9
 
 
 # ------------------------------------------------------------------------------------------- bad input
