@@ -34,7 +34,7 @@ def records(run) -> list[dict]:
 
 
 class CannedModel:
-    """Stands in for SpeechGPTModel: answers every prompt with a fixed response and remembers the prompts."""
+    """Stands in for SpeechGPTGenerator: answers every prompt with a fixed response and remembers the prompts."""
 
     def __init__(self, response: str):
         self.response, self.prompts = response, []
@@ -71,7 +71,7 @@ def test_questions_that_cannot_be_asked():
 
 
 def test_text_question_in_text_and_speech(cli, com_model, tiny_vocoder, tmp_path):
-    from speechgpt_fairseq.inference import SpeechGPTModel
+    from speechgpt_fairseq.inference import SpeechGPTGenerator
     from speechgpt_fairseq.speech.vocoder import UnitVocoder
 
     checkpoint, config = tiny_vocoder
@@ -79,7 +79,7 @@ def test_text_question_in_text_and_speech(cli, com_model, tiny_vocoder, tmp_path
                "--speaker", 1, "--out", tmp_path / "answers", "--json")
     (record,) = records(run)
     assert record["prompt"] == com_prompt("t2s", text_i=QUESTION)
-    expected = SpeechGPTModel.from_checkpoint(com_model).generate([record["prompt"]], max_new_tokens=512)[0]
+    expected = SpeechGPTGenerator.from_checkpoint(com_model).generate([record["prompt"]], max_new_tokens=512)[0]
     assert record["response"] == expected  # the CLI decodes as the Python API does
     assert record["text"] and record["units"], record["response"]
     assert record["wav"] == str(tmp_path / "answers" / "answer-1.wav")

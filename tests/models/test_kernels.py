@@ -19,15 +19,11 @@ from speechgpt_fairseq.models import kernels
 from speechgpt_fairseq.models.llama import RMSNorm, SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 
 
-class _Task:
-    target_dictionary = Vocabulary.units_only(40).to_dictionary()
-
-
 def build():
     torch.manual_seed(0)
     cfg = SpeechGPTLlamaConfig(decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
                                decoder_attention_heads=4, decoder_kv_heads=2, init_std=0.3)
-    return SpeechGPTLlamaModel.build_model(cfg, _Task)
+    return SpeechGPTLlamaModel.from_config(cfg, Vocabulary.units_only(40).to_dictionary())
 
 
 class FakeFusedRMSNorm(nn.Module):
