@@ -30,7 +30,9 @@ import statistics
 import time
 from pathlib import Path
 
-import speechgpt_fairseq  # noqa: F401  (registers the model)
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 import torch
 import transformers
 import yaml

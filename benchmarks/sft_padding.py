@@ -25,7 +25,9 @@ import argparse
 import platform
 
 import numpy as np
-import speechgpt_fairseq  # noqa: F401  (registers the model, task and criterion)
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 import torch
 import transformers
 from fairseq.data import data_utils

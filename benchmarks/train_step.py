@@ -20,7 +20,9 @@ import platform
 import statistics
 import time
 
-import speechgpt_fairseq  # noqa: F401  (registers the model, task and criterion)
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 import torch
 import torch.nn.functional as F
 import transformers

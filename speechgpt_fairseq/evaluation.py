@@ -113,8 +113,9 @@ def round_trip(records: dict[int, dict[str, str]], transcribe, lowercase: bool =
                ) -> tuple[list[dict], Scores]:
     """How intelligible chain-of-modality spoken answers are: each generated spoken answer (units_r) is transcribed
     by `transcribe(list of unit lists) -> texts` (a model's ASR) and compared with the text answer the same
-    response gave (`roundtrip` WER) and with the reference answer (`roundtrip_reference` WER). A response
-    without a spoken answer counts as an empty transcript."""
+    response gave (`roundtrip` WER; the reference answer where the response has no text answer) and with the
+    reference answer (`roundtrip_reference` WER). A response without a spoken answer counts as an empty
+    transcript."""
     parsed = {key: (parse_response(r["reference"]), parse_response(r["hypothesis"])) for key, r in records.items()}
     spoken = [key for key, (_, hyp) in parsed.items() if hyp.get("units_r")]
     heard = dict(zip(spoken, transcribe([parsed[key][1]["units_r"] for key in spoken])))
@@ -124,11 +125,11 @@ def round_trip(records: dict[int, dict[str, str]], transcribe, lowercase: bool =
             raise GenerateOutputError(f"example {key}: the reference has no text answer ([ta]); round trips are "
                                       f"measured on chain-of-modality generations")
         text = heard.get(key, "")
+        meant = hyp.get("text_r") or ref["text_r"]  # what the speech should say
         row = {"id": key, "transcript": text, "text_r": hyp.get("text_r", ""), "reference": ref["text_r"],
                "units_r": len(hyp.get("units_r", []))}
         said = words(text, lowercase, remove_punct)
-        row["roundtrip_wer"] = round(scores.rates["roundtrip_wer"].add(
-            words(hyp.get("text_r", ""), lowercase, remove_punct), said), 4)
+        row["roundtrip_wer"] = round(scores.rates["roundtrip_wer"].add(words(meant, lowercase, remove_punct), said), 4)
         row["roundtrip_reference_wer"] = round(scores.rates["roundtrip_reference_wer"].add(
             words(ref["text_r"], lowercase, remove_punct), said), 4)
         rows.append(row)

@@ -187,7 +187,7 @@ def _ddp_on_cpu() -> None:
 
 
 def apply() -> None:
-    """Apply every fix once; importing `speechgpt_fairseq` calls this."""
+    """Apply every fix once; `speechgpt_fairseq.register()` calls this."""
     global _applied
     if _applied:
         return

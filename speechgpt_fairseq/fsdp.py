@@ -207,6 +207,6 @@ def _bf16_hidden_from_fairseq(cfg):
 
 
 def install() -> None:
-    """Make `ddp_backend=fsdp2` selectable and runnable in fairseq; called once when the package is imported."""
+    """Make `ddp_backend=fsdp2` selectable and runnable in fairseq; `speechgpt_fairseq.register()` calls this."""
     _add_backend_choice()
     _patch_trainer()

@@ -43,7 +43,9 @@ def test_presets_have_the_parameter_count_of_hf_llama(preset):
     """Built on the meta device: our model and HF LlamaForCausalLM of the same shape, LLaMA's 32000 tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import speechgpt_fairseq  # noqa: F401
+    import speechgpt_fairseq
+
+    speechgpt_fairseq.register()
     from speechgpt_fairseq.data.vocabulary import Vocabulary
     from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 
@@ -72,7 +74,9 @@ def test_every_field_is_overridable(cli, stage, config):
     configs list every field of their task, model and criterion."""
     from dataclasses import fields
 
-    import speechgpt_fairseq  # noqa: F401
+    import speechgpt_fairseq
+
+    speechgpt_fairseq.register()
     from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
     from fairseq.models import MODEL_DATACLASS_REGISTRY
     from fairseq.tasks import TASK_DATACLASS_REGISTRY

@@ -8,7 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import speechgpt_fairseq  # noqa: F401  (applies the fixes)
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 
 
 def test_token_block_dataset_eos_mode_under_numpy2():

@@ -1,2 +1,4 @@
-# fairseq's --user-dir / common.user_dir shim: importing the package registers every component.
-import speechgpt_fairseq  # noqa: F401
+# fairseq's --user-dir / common.user_dir shim: registers every component of speechgpt-fairseq.
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()

@@ -92,7 +92,8 @@ class RoundTrip:
     """How intelligible a chain-of-modality model's spoken answers are, whatever voice it imitates: the spoken
     answers of fairseq-generate's output on a com_sft split are transcribed by a model's ASR (an ASR instruction
     with the answer's units as input, greedy; a stage-2 checkpoint, or any of ours that follows ASR instructions)
-    and scored against the text answer of the same response (roundtrip_wer) and against the reference answer
+    and scored against the text answer of the same response (roundtrip_wer; the reference answer where the
+    response has no text answer) and against the reference answer
     (roundtrip_reference_wer). A response without a spoken answer counts as an empty transcript. Prints a JSON
     summary; --out writes every example."""
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from fairseq.data.indexed_dataset import MMapIndexedDataset, _dtype_header_code, best_fitting_int_dtype
 
 from speechgpt_fairseq.atomic_files import atomic_files_into
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
@@ -38,6 +37,8 @@ class IndexedDatasetWriter:
     """Streams token-id records into fairseq's MMapIndexedDataset format (readable by fairseq as is)."""
 
     def __init__(self, prefix: str | os.PathLike, vocab_size: int):
+        from fairseq.data.indexed_dataset import best_fitting_int_dtype  # fairseq only where data is written
+
         self.prefix = str(prefix)
         self.dtype = np.dtype(np.uint8 if vocab_size <= 256 else best_fitting_int_dtype(vocab_size))
         self._bin = open(self.prefix + ".bin", "wb")
@@ -63,6 +64,8 @@ class IndexedDatasetWriter:
 
     def close(self) -> None:
         """Finish `.bin` and write the `.idx`: header, sizes (int32), then byte offsets (int64)."""
+        from fairseq.data.indexed_dataset import MMapIndexedDataset, _dtype_header_code
+
         self._flush()
         self._bin.close()
         with open(self.prefix + ".idx", "wb") as idx:

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from fairseq.data import Dictionary
-
 from speechgpt_fairseq.atomic_files import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -213,7 +211,10 @@ class Vocabulary:
                    else "")
                 + f"; pad {name(self.pad)}; text encoding {self.text_encoding}")
 
-    def to_dictionary(self) -> "SpeechGPTDictionary":
+    def to_dictionary(self):
+        """The fairseq Dictionary of these ids (data/dictionary.py; imports fairseq)."""
+        from speechgpt_fairseq.data.dictionary import SpeechGPTDictionary
+
         return SpeechGPTDictionary(self)
 
     @cached_property
@@ -281,20 +282,6 @@ def read_vocab_json(path: str | os.PathLike) -> dict:
 def records_hold_bos(vocab_json: dict) -> bool:
     """Whether data binarized with this vocab.json starts its records with the tokenizer's bos (format 2 on)."""
     return vocab_json.get("format") != _FORMAT_1
-
-
-class SpeechGPTDictionary(Dictionary):
-    """A fairseq Dictionary with the vocabulary's ids, specials where the base tokenizer put them."""
-
-    def __init__(self, vocab: Vocabulary):
-        t = vocab.tokens
-        super().__init__(bos=t[vocab.bos], pad=t[vocab.pad], eos=t[vocab.eos], unk=t[vocab.unk],
-                         add_special_symbols=False)
-        for token in t:
-            self.add_symbol(token)
-        self.bos_index, self.pad_index, self.eos_index, self.unk_index = vocab.bos, vocab.pad, vocab.eos, vocab.unk
-        self.nspecial = max(vocab.bos, vocab.eos, vocab.unk) + 1 if vocab.base_size else 0
-        self.vocab = vocab
 
 
 class TextEncoder:
@@ -571,7 +558,7 @@ def _from_hf_directory(path: Path, num_units) -> Vocabulary:
                           f"tokenizer.json (Hugging Face tokenizers)")
 
 
-def dictionary_digest(dictionary: Dictionary) -> str:
+def dictionary_digest(dictionary) -> str:
     """Vocabulary.digest for any fairseq Dictionary: the symbols in id order and the special ids."""
     payload = [list(dictionary.symbols), dictionary.bos(), dictionary.eos(), dictionary.pad(), dictionary.unk()]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()

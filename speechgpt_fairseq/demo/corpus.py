@@ -55,8 +55,8 @@ def speak(utterance: Utterance, root: Path) -> int:
     return sf.info(path).frames
 
 
-def make_corpus(out: str | Path, sentences: tuple[int, int, int] = (3000, 200, 100),
-                renditions: tuple[int, int, int] = (8, 2, 2), seed: int = 1, vocab_size: int = 1000,
+def make_corpus(out: str | Path, sentences: tuple[int, int, int] = (4000, 200, 100),
+                renditions: tuple[int, int, int] = (10, 2, 3), seed: int = 1, vocab_size: int = 1000,
                 workers: int = 2, overwrite: bool = False, show_progress: bool = True) -> dict:
     """Write the corpus to `out` (whole or not at all): `sentences` per split, and every question of a split
     spoken `renditions` times in drawn voices and rates. Returns the counts per split."""

@@ -35,9 +35,9 @@ class DemoError(ValueError):
 class Sizes:
     """How big the demo is: the full run (the README's) or the quick one the tests run."""
 
-    sentences: tuple[int, int, int] = (3000, 200, 100)
-    renditions: tuple[int, int, int] = (8, 2, 2)  # times each question is spoken, per split
-    updates: dict[str, int] = field(default_factory=lambda: {"stage1": 300, "stage2": 1600, "stage3": 600})
+    sentences: tuple[int, int, int] = (4000, 200, 100)
+    renditions: tuple[int, int, int] = (10, 2, 3)  # times each question is spoken, per split
+    updates: dict[str, int] = field(default_factory=lambda: {"stage1": 200, "stage2": 1600, "stage3": 600})
     vocab_size: int = 1000
     max_new_tokens: int = 300  # the longest spoken answer of the corpus is about 120 units after merging repeats
 

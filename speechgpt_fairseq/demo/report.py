@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechgpt_fairseq.atomic_files import atomic_file
+from speechgpt_fairseq.demo.world import PEOPLE
 
 _VALID = re.compile(r"valid on 'valid' subset \| loss ([0-9.]+) .*\| num_updates (\d+)")
 STAGES = {"stage1": "stage 1: unit LM", "stage2": "stage 2: ASR, TTS, text instructions",
@@ -163,15 +164,14 @@ Wall time: {wall_seconds / 60:.1f} minutes; {verdict}.
 
 ## The task
 
-Forty people, and for each where they live, their pet, job, favourite colour and instrument; and a rule, the
-language spoken in each city. The knowledge is taught in text only: stage 2 mixes text instructions that ask
-about every fact (in several phrasings) and state the rules into its ASR and TTS examples, whose sentences use
-the same words but never state a fact. Stage 3 teaches the chain of modality on spoken questions about some
-(person, relation) pairs; the held-out spoken questions ask about the others, so each is a combination never
-heard, whose answer was only read. Answers name what the question does not (the city, the pet, ...), so they
-cannot be copied from it; a language question is answered through the rule ("anna lives in paris so anna
-speaks french") and is held out with the person's home. Held-out questions are spoken in voices and rates
-drawn for them; the model answers in the assistant's voice, the one all its speech targets are in.
+{len(PEOPLE)} people, and for each where they live, their pet, job, favourite colour and instrument. The
+knowledge is taught in text only: stage 2 mixes text instructions that ask about every fact (in several
+phrasings) into its ASR and TTS examples, whose sentences use the same words but never state a fact. Stage 3
+teaches the chain of modality on spoken questions about some (person, relation) pairs; the held-out spoken
+questions ask about the others, so each is a combination never heard, whose answer was only read. Answers name
+what the question does not (the city, the pet, ...), so they cannot be copied from it. Held-out questions are
+spoken in voices and rates drawn for them; the model answers in the assistant's voice, the one all its speech
+targets are in.
 
 ## Held-out test set, trained against untrained
 

@@ -1,15 +1,12 @@
-"""The demo's world: forty people and what is true of them (where they live, their pet, job, favourite colour and
-instrument), a rule (the language spoken in each city), the questions asked about them, and sentences that use
-the same words without stating any of it.
+"""The demo's world: two dozen people and what is true of them (where they live, their pet, job, favourite colour
+and instrument), the questions asked about them, and sentences that use the same words without stating any of it.
 
 The knowledge is taught in text only (stage 2 mixes it in as text instructions); spoken questions ask about it.
 Questions are split by (person, relation): the spoken questions of stage 3 cover the training pairs, and the
 held-out questions ask about the others, so a held-out question is a combination never heard: its answer was
 only ever read. The answer's content (the city, the pet, ...) is never in the question, so it cannot be copied
-from it. A language question is answered through the rule, "anna lives in paris so anna speaks french", and is
-held out together with the person's home, so the held-out answer combines a fact and a rule it was taught
-apart. The ASR/TTS sentences never put a person with a relation's phrase (and never state a rule), so stage 2's
-speech teaches the words but not the facts. Everything is drawn from seeded random streams.
+from it. The ASR/TTS sentences never put a person with a relation's phrase, so stage 2's speech teaches the
+words but not the facts. Everything is drawn from seeded random streams.
 """
 from __future__ import annotations
 
@@ -22,16 +19,14 @@ VOICES = ["en", "en-us", "en+f3", "en+m3"]
 RATES = [130, 155, 180, 205]  # words per minute; espeak-ng's default is 175
 ASSISTANT_VOICE, ASSISTANT_RATE = "en-us", 175  # how the model is taught to speak: TTS targets, spoken answers
 
-PEOPLE = ("anna ben clara david emma felix grace henry iris jack kate leo mia nick olivia paul rosa sam tina "
-          "victor wendy oscar lucy max nora peter ruby simon zoe adam eva hugo ella frank julia kevin laura "
-          "martin sofia tom").split()
+PEOPLE = ("anna ben clara david emma felix grace henry iris jack kate leo nick oscar paul rosa sam tina victor "
+          "wendy hugo zoe laura martin").split()
 CITIES = "paris rome berlin madrid tokyo cairo oslo lisbon athens warsaw".split()
-LANGUAGE_OF = dict(zip(CITIES, "french italian german spanish japanese arabic norwegian portuguese greek "
-                                "polish".split()))
 PETS = "cat dog parrot rabbit horse goldfish turtle hamster".split()
 JOBS = "doctor teacher baker farmer pilot nurse painter driver".split()
 COLOURS = "red blue green yellow purple orange black white".split()
 INSTRUMENTS = "piano guitar violin drums flute trumpet".split()
+SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -57,18 +52,14 @@ RELATIONS = (
     Relation("instrument", tuple(INSTRUMENTS), "what does {person} play", "{person} plays the {value}",
              ("which instrument does {person} play", "what instrument can {person} play")),
 )
-LANGUAGE_QUESTION = "what language does {person} speak"
-LANGUAGE_ANSWER = "{person} lives in {city} so {person} speaks {language}"
+RELATION_NAMES = tuple(r.name for r in RELATIONS)
 PROFILE_QUESTION = "tell me about {person}"
 SAY = "say {sentence}"  # a text instruction answered in speech (stage 3's t2s format) with any sentence
-RULE_QUESTION, RULE_ANSWER = "what language do people in {city} speak", "people in {city} speak {language}"
-SPLITS = ("train", "valid", "test")
-RELATION_NAMES = (*(r.name for r in RELATIONS), "language")
 
 
 @dataclass(frozen=True)
 class Question:
-    """A question about one person, with its one answer; `relation` is a Relation's name or "language"."""
+    """A question about one person, with its one answer."""
 
     person: str
     relation: str
@@ -81,37 +72,27 @@ class World:
     """Every person's facts, and which split each (person, relation) question belongs to."""
 
     facts: dict[tuple[str, str], str]  # (person, relation name) -> value
-    split: dict[tuple[str, str], str]  # (person, relation name or "language") -> train / valid / test
+    split: dict[tuple[str, str], str]  # (person, relation name) -> train / valid / test
 
     def questions(self, split: str | None = None) -> list[Question]:
         """The questions of a split (all of them for None), person by person."""
-        out = []
-        for person in PEOPLE:
-            for r in RELATIONS:
-                out.append(Question(person, r.name, r.question.format(person=person),
-                                    r.answer.format(person=person, value=self.facts[person, r.name])))
-            city = self.facts[person, "home"]
-            out.append(Question(person, "language", LANGUAGE_QUESTION.format(person=person),
-                                LANGUAGE_ANSWER.format(person=person, city=city, language=LANGUAGE_OF[city])))
-        return [q for q in out if split is None or self.split[q.person, q.relation] == split]
+        return [Question(p, r.name, r.question.format(person=p), r.answer.format(person=p, value=self.facts[p, r.name]))
+                for p, r in product(PEOPLE, RELATIONS) if split is None or self.split[p, r.name] == split]
 
     def knowledge(self) -> list[tuple[str, str]]:
-        """The text instructions that teach the world: every fact asked in every phrasing, each person's profile,
-        the rules, and the language answers of the training questions (the held-out ones must be worked out)."""
+        """The text instructions that teach the world: every fact asked in every phrasing, and each person's
+        profile (all their facts in one answer)."""
         out = []
         for person in PEOPLE:
             answers = [r.answer.format(person=person, value=self.facts[person, r.name]) for r in RELATIONS]
             for r, answer in zip(RELATIONS, answers):
                 out += [(q.format(person=person), answer) for q in (r.question, *r.paraphrases)]
             out.append((PROFILE_QUESTION.format(person=person), ", ".join(answers)))
-        out += [(RULE_QUESTION.format(city=c), RULE_ANSWER.format(city=c, language=LANGUAGE_OF[c])) for c in CITIES]
-        out += [(q.text, q.answer) for q in self.questions("train") if q.relation == "language"]
         return out
 
 
 def make_world(rng: random.Random, held_out: tuple[float, float] = (0.1, 0.25)) -> World:
-    """Draw every fact, then hold out a share of the (person, relation) questions for valid and test; a language
-    question goes with its person's home (its training answer would say where a held-out person lives). Every
+    """Draw every fact, then hold out a share of the (person, relation) questions for valid and test. Every
     person keeps training questions, and so does every relation: held-out questions are new combinations."""
     facts = {(p, r.name): rng.choice(r.values) for p, r in product(PEOPLE, RELATIONS)}
     keys = list(facts)
@@ -120,7 +101,6 @@ def make_world(rng: random.Random, held_out: tuple[float, float] = (0.1, 0.25)) 
         order = rng.sample(keys, len(keys))
         split = dict.fromkeys(keys, "train") | dict.fromkeys(order[:n_valid], "valid") \
             | dict.fromkeys(order[n_valid:n_valid + n_test], "test")
-        split |= {(p, "language"): split[p, "home"] for p in PEOPLE}
         trained = [k for k, s in split.items() if s == "train"]
         if {p for p, _ in trained} == set(PEOPLE) and \
                 all(sum(r == name for _, r in trained) >= len(PEOPLE) // 2 for name in RELATION_NAMES):
@@ -128,8 +108,8 @@ def make_world(rng: random.Random, held_out: tuple[float, float] = (0.1, 0.25)) 
 
 
 # ---- sentences for speech recognition and synthesis ----------------------------------------------------------
-# They use the world's words (names, cities, pets, jobs, colours, instruments, languages, the question words) so
-# that stage 2 teaches how they sound, but never a person with a relation's phrase, nor a rule.
+# They use the world's words (names, cities, pets, jobs, colours, instruments, the question words and the phrases
+# answers are made of) so that stage 2 teaches how they sound, but never a person with a relation's phrase.
 
 _SENTENCES = {  # family -> templates; {p} {q} {r} people, {j} a job, {a} a pet, {c} a colour, {i} an instrument, ...
     "people": ["{p} met {q} and {r} at the station", "{p} wrote a letter to {q} and {r}",
@@ -139,22 +119,16 @@ _SENTENCES = {  # family -> templates; {p} {q} {r} people, {j} a job, {a} a pet,
                 "the {j} from {city} has a {a}", "the {a} owner is a {j}"],
     "things": ["the {j} has a {c} {i}", "the {j} from {city} likes the {i} more than the {i2}",
                "the {c} {i} is next to the {a}", "the {j} plays the {i} in {city}", "the {j} likes {c} and {c2}"],
-    # the phrases answers are made of, said of jobs (a person's are facts, taught in text only)
     "places": ["the {j} lives in {city} with a {a}", "the {j} from {city} lives in {city2}",
-               "it was late so {p} and {q} stayed home", "the {j} speaks {lang} so {p} can ask"],
+               "it was late so {p} and {q} stayed home", "the {j} flew from {city} to {city2}"],
     "questions": ["where does the {j} from {city} live", "what pet does the {j} have",
                   "what job does the {a} owner have", "what colour does the {a} like", "what does the {j} play in {city}",
-                  "what language does the {j} speak in {city}", "does the {j} speak {lang}"],
-    "languages": ["the {j} can read {lang} and {lang2}", "the {j} from {city} is learning {lang}",
-                  "a {a} cannot speak {lang}"],
+                  "does the {j} live in {city}", "which {a} does the {j} like"],
 }
 # how often each family is drawn: names are the words held-out questions hinge on, so they are heard most
-_FAMILY_WEIGHTS = {"people": 3, "animals": 1, "things": 1, "places": 1, "questions": 1, "languages": 1}
-_LANGUAGES = list(LANGUAGE_OF.values())
+_FAMILY_WEIGHTS = {"people": 3, "animals": 1, "things": 1, "places": 1, "questions": 1}
 _SLOTS = {"p": PEOPLE, "q": PEOPLE, "r": PEOPLE, "j": JOBS, "a": PETS, "c": COLOURS, "c2": COLOURS, "i": INSTRUMENTS,
-          "i2": INSTRUMENTS, "city": CITIES, "city2": CITIES, "lang": _LANGUAGES, "lang2": _LANGUAGES}
-
-
+          "i2": INSTRUMENTS, "city": CITIES, "city2": CITIES}
 _ARTICLE = re.compile(r"\ba (?=[aeiou])")
 
 

@@ -2,9 +2,15 @@
 
 Configs reach them with `hydra.searchpath: [pkg://speechgpt_fairseq.presets]`. Hydra imports this package
 while composing such a config, which registers `${speechgpt_config_dir:}`: the absolute --config-dir, so that
-the example configs name their data and the --user-dir shim relative to themselves and run from any directory.
+the example configs name their data and the --user-dir shim relative to themselves and run from any directory,
+and registers speechgpt-fairseq with fairseq: a config is checked against fairseq's schema before fairseq reads
+its user_dir, so values of ours (`ddp_backend: fsdp2`, our model, task and criterion names) must exist by then.
 """
 from omegaconf import OmegaConf
+
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 
 
 def config_dir() -> str:

@@ -33,9 +33,11 @@ class HubertFeatureReader:
 
     def __init__(self, checkpoint: str | Path, layer: int = 11, device: str | torch.device = "cpu",
                  bf16: bool = False, max_chunk: int = MAX_CHUNK):
-        # importing speechgpt_fairseq applied fairseq_fixes: the weights_only allow-list HuBERT checkpoints need
         from fairseq import checkpoint_utils
 
+        import speechgpt_fairseq
+
+        speechgpt_fairseq.register()  # the fairseq fixes: the weights_only allow-list HuBERT checkpoints need
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint}: no such HuBERT checkpoint")

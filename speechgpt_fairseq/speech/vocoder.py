@@ -74,6 +74,9 @@ class UnitVocoder:
         """Load a checkpoint + config.json in the format of fairseq's released unit vocoders."""
         from fairseq.models.text_to_speech.vocoder import CodeHiFiGANVocoder
 
+        import speechgpt_fairseq
+
+        speechgpt_fairseq.register()  # the fairseq fixes (checkpoint loading under weights_only)
         checkpoint = Path(checkpoint)
         cfg = read_vocoder_config(config)
         if not checkpoint.is_file():

@@ -1,7 +1,9 @@
 """The command-line surface and the registered names are frozen here: a rename is a deliberate change."""
 import pytest
 
-import speechgpt_fairseq  # noqa: F401
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 from speechgpt_fairseq.cli.main import VERBS, build_parser
 
 

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from fairseq import metrics
 
-import speechgpt_fairseq  # noqa: F401
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 from speechgpt_fairseq.criterions.cross_entropy import (SpeechGPTCrossEntropyCriterion, chunked_token_losses,
                                                           token_losses)
 from speechgpt_fairseq.data.vocabulary import Vocabulary

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-import speechgpt_fairseq  # noqa: F401
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 from speechgpt_fairseq.data.instruction_dataset import (InstructionDataset, PackedInstructionDataset,
                                                         best_fit_decreasing)
 from speechgpt_fairseq.data.instructions import PROMPT, RESPONSE, SYSTEM

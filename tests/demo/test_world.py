@@ -18,9 +18,7 @@ def test_splits_hold_out_combinations_of_trained_people_and_relations():
         assert {(q.person, q.relation) for q in train}.isdisjoint((q.person, q.relation) for q in held_out)
         assert {q.person for q in train} == set(w.PEOPLE)  # every person is asked about in training
         assert {q.relation for q in train} == set(w.RELATION_NAMES)
-        for q in held_out:  # a language answer says where the person lives: no training answer may say it
-            if q.relation in ("home", "language"):
-                assert not any(t.person == q.person and t.relation in ("home", "language") for t in train), q
+        assert len(held_out) == round(0.35 * len(w.PEOPLE) * len(w.RELATIONS))
 
 
 def test_answers_cannot_be_copied_from_the_question():
@@ -34,28 +32,24 @@ def test_answers_cannot_be_copied_from_the_question():
         assert max(values.count(v) for v in r.values) <= len(w.PEOPLE) // 2
 
 
-def test_knowledge_teaches_every_fact_and_rule_but_not_the_held_out_inferences():
+def test_knowledge_teaches_every_fact_in_several_phrasings():
     world = make()
-    knowledge = dict(world.knowledge())
-    for q in world.questions():
-        if q.relation == "language":
-            assert (knowledge.get(q.text) == q.answer) == (world.split[q.person, q.relation] == "train")
-        else:
-            assert knowledge[q.text] == q.answer
-    for city, language in w.LANGUAGE_OF.items():
-        assert knowledge[f"what language do people in {city} speak"] == f"people in {city} speak {language}"
-    paraphrases = [k for k in knowledge if not any(k == q.text for q in world.questions())]
-    assert len(paraphrases) >= 2 * len(w.PEOPLE) * len(w.RELATIONS)
+    knowledge = world.knowledge()
+    answers = dict(knowledge)
+    for q in world.questions():  # held out or not: the knowledge is all taught in text
+        assert answers[q.text] == q.answer
+        assert sum(a == q.answer for _, a in knowledge) == 1 + len(w.RELATIONS[0].paraphrases)
+        assert q.answer in answers[f"tell me about {q.person}"]
 
 
 def test_sentences_use_the_words_but_state_no_fact_or_rule():
     sentences = w.sample_sentences(3000, random.Random(1))
     assert len(set(sentences)) == 3000
     words = {word for s in sentences for word in s.split()}
-    for vocabulary in (w.PEOPLE, w.CITIES, w.PETS, w.JOBS, w.COLOURS, w.INSTRUMENTS, w.LANGUAGE_OF.values()):
+    for vocabulary in (w.PEOPLE, w.CITIES, w.PETS, w.JOBS, w.COLOURS, w.INSTRUMENTS):
         assert set(vocabulary) <= words
     people = "|".join(w.PEOPLE)
-    statement = re.compile(rf"\b({people}) (lives in|has a|is a|likes|plays the|speaks)\b|\bpeople in \w+ speak\b")
+    statement = re.compile(rf"\b({people}) (lives in|has an?|is an?|likes|plays the)\b")
     assert not [s for s in sentences if statement.search(s)]
     assert not [s for s in sentences if re.search(r"\ba [aeiou]", s)]  # "an orange", not "a orange"
 

@@ -12,7 +12,9 @@ import yaml
 from fairseq import checkpoint_utils
 from fairseq.data import MMapIndexedDataset
 
-import speechgpt_fairseq  # noqa: F401
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 from speechgpt_fairseq.data.instruction_dataset import InstructionDataset
 from speechgpt_fairseq.data.instructions import prepare_instructions
 from speechgpt_fairseq.data.vocabulary import Vocabulary

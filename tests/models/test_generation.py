@@ -4,7 +4,9 @@ import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator
 
-import speechgpt_fairseq  # noqa: F401
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 from speechgpt_fairseq.data.vocabulary import Vocabulary
 from speechgpt_fairseq.models.generation import (Conversation, Decoding, Endings, FairseqGenerator,
                                                  sampling_candidates, generate)

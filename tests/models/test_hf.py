@@ -8,7 +8,9 @@ import torch
 from fairseq import checkpoint_utils
 from safetensors.torch import load_file
 
-import speechgpt_fairseq  # noqa: F401
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 from speechgpt_fairseq.atomic_files import OutputExistsError
 from speechgpt_fairseq.data.vocabulary import Vocabulary
 from speechgpt_fairseq.models.hf import HFCheckpointError, convert_hf, export_hf

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import speechgpt_fairseq  # noqa: F401
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 from speechgpt_fairseq.data.vocabulary import Vocabulary
 from speechgpt_fairseq.models.llama import ModelConfigError, SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 

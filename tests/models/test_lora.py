@@ -9,7 +9,9 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
-import speechgpt_fairseq  # noqa: F401  (registers the model and task)
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 from speechgpt_fairseq.data.vocabulary import Vocabulary
 from speechgpt_fairseq.models.hf import HFCheckpointError, convert_hf, export_hf, fairseq_checkpoint, import_peft
 from speechgpt_fairseq.models.llama import ModelConfigError, SpeechGPTLlamaConfig, SpeechGPTLlamaModel

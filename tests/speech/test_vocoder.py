@@ -6,7 +6,9 @@ import pytest
 import soundfile as sf
 import torch
 
-import speechgpt_fairseq  # noqa: F401
+import speechgpt_fairseq
+
+speechgpt_fairseq.register()
 from speechgpt_fairseq.cli.main import main
 from speechgpt_fairseq.speech.vocoder import UnitVocoder, VocoderError
 

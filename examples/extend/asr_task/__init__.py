@@ -1,8 +1,8 @@
 """A worked extension of speechgpt-fairseq through fairseq's --user-dir: the task `asr_sft`, stage-2 data
 restricted to its ASR examples (speech in, text out), for training or evaluating speech recognition alone.
 
-fairseq imports this directory as a package when `common.user_dir` (or --user-dir) names it. Importing
-speechgpt_fairseq registers our tasks, criterion and model; the task below builds on cross_modal_sft.
+fairseq imports this directory as a package when `common.user_dir` (or --user-dir) names it. Importing one of
+speechgpt_fairseq's tasks registers all our tasks, criterion and model; the task below builds on cross_modal_sft.
 """
 import numpy as np
 from fairseq.data import BaseWrapperDataset
