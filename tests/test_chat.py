@@ -94,7 +94,8 @@ def test_readable_output_and_answers_never_overwritten(cli, com_model, tiny_voco
     args = ("--vocoder", checkpoint, "--vocoder-config", config, "--speaker", 0, "--out", tmp_path)
     first = chat(cli, com_model, "--message", QUESTION, *args)
     kept = (tmp_path / "answer-1.wav").read_bytes()
-    second = chat(cli, com_model, "--message", "is zero more than nine", "--message", QUESTION, *args)
+    # the same question twice (greedy: the same spoken answer); this tiny model answers some questions in text only
+    second = chat(cli, com_model, "--message", QUESTION, "--message", QUESTION, *args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["answer-1.wav", "answer-2.wav", "answer-3.wav"]
     assert (tmp_path / "answer-1.wav").read_bytes() == kept == (tmp_path / "answer-3.wav").read_bytes()
     assert "answer: " in first.stdout and f"speech: {tmp_path / 'answer-1.wav'} (" in first.stdout
@@ -183,3 +184,27 @@ def test_system_file_is_taken_as_it_is(tmp_path):
     assert system_prompt(args) == "Be brief.\n\n"
     with pytest.raises(FileNotFoundError, match="nope.txt: no such system prompt file"):
         system_prompt(argparse.Namespace(system=None, system_file=str(tmp_path / "nope.txt"), system_from=None))
+
+
+def test_multi_turn_chat_keeps_the_conversation_in_one_cache(com_model):
+    """--multi-turn: the second question is read after the first question and its answer, in the same cache, and
+    answered as that whole conversation would be from scratch; the system prefix comes once."""
+    from speechgpt_fairseq.inference import SpeechGPTGenerator
+    from speechgpt_fairseq.models.generation import Decoding
+
+    generator = SpeechGPTGenerator.from_checkpoint(com_model)
+    chat_ = SpokenChat(generator, decoding=Decoding(), max_new_tokens=40, system_prefix="Be brief. ",
+                       multi_turn=True)
+    conversation, answers = chat_.conversation, []
+    reply = conversation.reply
+    conversation.reply = lambda *a, **k: answers.append(reply(*a, **k)) or answers[-1]
+    first = chat_.respond(QUESTION, speak=False)
+    cache = conversation.cache
+    second = chat_.respond("is zero more than nine", speak=False)
+    assert first.prompt.startswith("Be brief. ") and not second.prompt.startswith("Be brief.")
+    assert conversation.cache is cache
+    whole = (generator.vocab.encode_prompt(first.prompt) + generator.response_ids(answers[0])
+             + generator.vocab.encode(second.prompt, continuation=True))
+    expected = generator.generate_ids([whole], max_new_tokens=40, decoding=Decoding())[0]
+    assert generator.response_ids(answers[1]) == expected
+    assert second.response == generator.text(expected) and second.response

@@ -184,8 +184,11 @@ def test_a_conversation_holds_its_turns_in_one_cache(model, first_limit):
     first = conversation.reply(PROMPTS[0], max_new_tokens=first_limit)
     cache = conversation.cache
     reads = []
-    model.decoder.embed_tokens.register_forward_hook(lambda m, i, o: reads.append(o.shape[1]))
-    second = conversation.reply(PROMPTS[2][1:], max_new_tokens=6)
+    hook = model.decoder.embed_tokens.register_forward_hook(lambda m, i, o: reads.append(o.shape[1]))
+    try:
+        second = conversation.reply(PROMPTS[2][1:], max_new_tokens=6)
+    finally:
+        hook.remove()
     assert conversation.cache is cache
     answer = first.tokens[:-1]  # without the closing </s>
     cut = len(answer) == first_limit  # ended at the limit: its last token was never read; else the model chose </s>
