@@ -11,11 +11,15 @@ sampled with temperature 0.7, top-k 50, top-p 0.8 in its demo (`SPEECHGPT_SAMPLI
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 from speechgpt_fairseq.models.checkpoints import load_for_inference
-from speechgpt_fairseq.models.generation import Conversation, Decoding, Endings, Hypothesis, generate
+from speechgpt_fairseq.models.generation import (SPEECHGPT_SAMPLING, Conversation, Decoding, Endings, Hypothesis,
+                                                 generate)
+
+__all__ = ["SPEECHGPT_SAMPLING", "Decoding", "SpeechGPTGenerator"]
 
 
 class SpeechGPTGenerator:
@@ -70,3 +74,15 @@ class SpeechGPTGenerator:
         text = self.vocab.decode(ids)
         stop = self.stop_text
         return text[:text.find(stop) + len(stop)] if stop and stop in text else text
+
+
+_RENAMED = {"SpeechGPTModel": SpeechGPTGenerator, "Sampling": Decoding}  # the names before issue 12
+
+
+def __getattr__(name: str):
+    """The old names still import, with a warning; `generate(..., sampling=)` is now `decoding=`."""
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(f"speechgpt_fairseq.inference.{name} is now {new.__name__}", DeprecationWarning, stacklevel=2)
+        return new
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
