@@ -330,9 +330,12 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
             h = self.extract_features(prev_output_tokens, example_ids=example_ids)
             return (h if features_only else self.output_layer(h)), {"attn": None}
         cache = self.get_incremental_state(incremental_state, "cache")
-        if cache is None:
-            cache = self.new_cache(prev_output_tokens.size(0), self.max_positions())
+        n = prev_output_tokens.size(1)
+        if cache is None:  # fairseq does not say how long generation runs: start small, double when full
+            cache = self.new_cache(prev_output_tokens.size(0), min(max(64, 2 * n), self.max_positions()))
             self.set_incremental_state(incremental_state, "cache", cache)
+        elif n > cache.capacity:
+            cache.grow(min(max(2 * cache.capacity, n), self.max_positions()))
         return self.step(prev_output_tokens[:, cache.length:], cache, every_position=True), {"attn": None}
 
     def reorder_incremental_state(self, incremental_state: dict, new_order: Tensor):

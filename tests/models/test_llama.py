@@ -68,14 +68,21 @@ def test_reordered_cache_rows_continue_their_own_sequences():
 
 
 def test_fairseq_incremental_decoding_equals_full_forward():
-    """fairseq's stock generator calls the decoder with every token so far and an incremental state."""
+    """fairseq's stock generator calls the decoder with every token so far and an incremental state, and reorders
+    it (beams); the cache starts small and grows (past 64 tokens here)."""
     model = build()
-    tokens = torch.randint(3, 49, (3, 11))
-    full, _ = model(tokens)
+    tokens = torch.randint(3, 49, (3, 70))
+    order = torch.tensor([2, 0, 0])
     state, steps = {}, []
-    for t in range(tokens.size(1)):
-        out, _ = model.decoder(tokens[:, :t + 1], incremental_state=state)
-        steps.append(out)
+    with torch.no_grad():
+        for t in range(tokens.size(1)):
+            if t == 40:
+                model.decoder.reorder_incremental_state(state, order)
+                tokens = tokens[order]
+                steps = [s[order] for s in steps]
+            out, _ = model.decoder(tokens[:, :t + 1], incremental_state=state)
+            steps.append(out)
+        full, _ = model(tokens)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
