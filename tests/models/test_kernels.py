@@ -149,3 +149,20 @@ def test_attention_matches_the_reference_formula(log):
     scores = (q @ kk.transpose(-1, -2)) / 8 ** 0.5 + torch.full((6, 6), float("-inf")).triu(1)
     torch.testing.assert_close(out, F.softmax(scores, -1) @ vv)
     assert log() == ["kernels: attention (torch.float32, causal) on cpu (torch's kernel for this device)"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_query_steps_in_low_precision_on_the_cpu_match_sdpa(dtype, log):
+    """A generation step in bf16/fp16 on the CPU runs two fp32 matmuls instead of torch's kernel: the same output
+    as SDPA's (which also computes in fp32), for grouped-query attention over keys that are a cache's view."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, 1, 16).to(dtype)
+    cache = torch.randn(2, 3, 2, 40, 16).to(dtype)  # (k/v, B, Hkv, capacity, D)
+    k, v = cache[0, :, :, :25], cache[1, :, :, :25]
+    out = kernels.attention(q, k, v, None, is_causal=False, enable_gqa=True)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True).to(dtype)
+    torch.testing.assert_close(out, expected, atol=1e-2 if dtype == torch.bfloat16 else 1e-3, rtol=0)
+    assert (out.float() - expected.float()).abs().max() <= (
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float() - expected.float()).abs().max() * 1.5
+    assert log() == [f"kernels: attention ({dtype}, cached step) on cpu (fp32 matmuls, query heads grouped by "
+                     "key/value head)"]
