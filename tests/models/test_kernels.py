@@ -151,9 +151,9 @@ def test_attention_matches_the_reference_formula(log):
     assert log() == ["kernels: attention (torch.float32, causal) on cpu (torch's kernel for this device)"]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_one_query_steps_in_low_precision_on_the_cpu_match_sdpa(dtype, log):
-    """A generation step in bf16/fp16 on the CPU runs two fp32 matmuls instead of torch's kernel: the same output
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_query_steps_on_the_cpu_match_sdpa(dtype, log):
+    """A generation step on the CPU runs two fp32 matmuls instead of torch's kernel: the same output
     as SDPA's (which also computes in fp32), for grouped-query attention over keys that are a cache's view."""
     torch.manual_seed(0)
     q = torch.randn(3, 8, 1, 16).to(dtype)
@@ -161,8 +161,9 @@ def test_one_query_steps_in_low_precision_on_the_cpu_match_sdpa(dtype, log):
     k, v = cache[0, :, :, :25], cache[1, :, :, :25]
     out = kernels.attention(q, k, v, None, is_causal=False, enable_gqa=True)
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True).to(dtype)
-    torch.testing.assert_close(out, expected, atol=1e-2 if dtype == torch.bfloat16 else 1e-3, rtol=0)
-    assert (out.float() - expected.float()).abs().max() <= (
+    atol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(out, expected, atol=atol, rtol=0)
+    assert dtype == torch.float32 or (out.float() - expected.float()).abs().max() <= (  # no less exact than SDPA
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float() - expected.float()).abs().max() * 1.5
     assert log() == [f"kernels: attention ({dtype}, cached step) on cpu (fp32 matmuls, query heads grouped by "
                      "key/value head)"]
