@@ -4,7 +4,7 @@ apex is not on PyPI (the PyPI package named `apex` is unrelated); whoever has bu
 config change. Without it the model normalizes with `F.rms_norm`, the `speechgpt_adamw` optimizer runs torch's
 `AdamW(fused=True)` (its multi-tensor path where torch has no fused kernel for the parameters), and attention is
 `scaled_dot_product_attention`, which runs flash attention on CUDA when the inputs allow it (a generation step
-on the CPU runs two fp32 matmuls instead: torch's CPU kernel is slow for a single query). Each choice
+in fp32 on the CPU runs two matmuls instead: torch's CPU kernel is slow for a single query). Each choice
 is logged once, with the reason when the faster one could not be used.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: b
     if kind not in _attention_kinds_seen:
         _attention_kinds_seen.add(kind)
         where = "packed rows (mask)" if mask is not None else "causal" if is_causal else "cached step"
-        backend = ("cpu (fp32 matmuls, query heads grouped by key/value head)" if one_query
+        backend = ("cpu (matmuls, query heads grouped by key/value head)" if one_query
                    else sdpa_backend(q, k, v, mask, is_causal, enable_gqa))
         _log_once(f"kernels: attention ({q.dtype}, {where}) on {backend}")
     if one_query:
@@ -93,19 +93,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: b
 
 
 def _one_query_on_cpu(q: Tensor, mask: Tensor | None, is_causal: bool) -> bool:
-    """A generation step on the CPU: one query per row that sees every key. torch's CPU kernel is slower there than
-    two matmuls (measured per layer, batch 8, 544 keys: fp32 440 us against 256 us; bf16 7 ms against 0.8 ms)."""
-    return q.device.type == "cpu" and q.size(2) == 1 and mask is None and not is_causal
+    """A generation step in fp32 on the CPU: one query per row that sees every key. torch's CPU kernel is slower
+    there than two matmuls (per layer, batch 8, 544 keys: 440 us against 256 us). In bf16 the matmuls would be ~9x
+    faster still (7 ms against 0.8 ms), but their rounding differs from SDPA's by a bf16 ulp, which flips greedy
+    picks at near-ties against transformers (benchmarks/generate.py): bf16 keeps SDPA."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.size(2) == 1 and mask is None
+            and not is_causal)
 
 
 def _one_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(D)) v for q (B, H, 1, D) over k, v (B, Hkv, S, D), in fp32 as SDPA computes it; the
-    H / Hkv query heads that share a key/value head are the rows of one matmul (no repeated keys)."""
+    """softmax(q k^T / sqrt(D)) v for q (B, H, 1, D) over k, v (B, Hkv, S, D); the H / Hkv query heads that
+    share a key/value head are the rows of one matmul (no repeated keys)."""
     B, H, _, D = q.shape
     Hkv = k.size(1)
-    qg = q.reshape(B, Hkv, H // Hkv, D).float()  # (B, Hkv, G, D): head h uses key/value head h // G
-    w = (qg @ k.float().transpose(-1, -2)).mul_(D ** -0.5).softmax(-1)  # (B, Hkv, G, S)
-    return (w @ v.float()).to(q.dtype).reshape(B, H, 1, D)
+    qg = q.reshape(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D): head h uses key/value head h // G
+    w = (qg @ k.transpose(-1, -2)).mul_(D ** -0.5).softmax(-1)  # (B, Hkv, G, S)
+    return (w @ v).reshape(B, H, 1, D)
 
 
 # ---- AdamW --------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 In reading order: the config, the network (norm, rotary, attention, feed-forward, block, decoder), the key/value
 cache generation writes into (`KVCache`: `prefill` a batch of prompts, then `step`), the fairseq model.
 Submodule names follow Hugging Face's `modeling_llama.py`, so the weight map between the two is the identity
-up to a prefix (see models/hf.py). With `lora_rank > 0` the target Linear layers carry LoRA adapters (models/lora.py) and only those train; with
-`lora_base` set the frozen base is read from that checkpoint and checkpoints hold only the adapters.
+up to a prefix (see models/hf.py). With `lora_rank > 0` the target Linear layers carry LoRA adapters
+(models/lora.py) and only those train; with `lora_base` set the frozen base is read from that checkpoint and
+checkpoints hold only the adapters.
 """
 
 import math
@@ -357,7 +358,8 @@ class KVCache:
 
     def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device):
-        self.k = torch.empty(layers, batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)  # (L, B, Hkv, N, D)
+        # (L, B, Hkv, N, D): a layer's slice is the (B, Hkv, N, D) buffer attention writes into
+        self.k = torch.empty(layers, batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.length = 0  # columns filled
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) columns before each row's first token
