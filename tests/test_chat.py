@@ -94,8 +94,7 @@ def test_readable_output_and_answers_never_overwritten(cli, com_model, tiny_voco
     args = ("--vocoder", checkpoint, "--vocoder-config", config, "--speaker", 0, "--out", tmp_path)
     first = chat(cli, com_model, "--message", QUESTION, *args)
     kept = (tmp_path / "answer-1.wav").read_bytes()
-    # the same question twice (greedy: the same spoken answer); this tiny model answers some questions in text only
-    second = chat(cli, com_model, "--message", QUESTION, "--message", QUESTION, *args)
+    second = chat(cli, com_model, "--message", QUESTION, "--message", QUESTION, *args)  # each message is spoken
     assert sorted(p.name for p in tmp_path.iterdir()) == ["answer-1.wav", "answer-2.wav", "answer-3.wav"]
     assert (tmp_path / "answer-1.wav").read_bytes() == kept == (tmp_path / "answer-3.wav").read_bytes()
     assert "answer: " in first.stdout and f"speech: {tmp_path / 'answer-1.wav'} (" in first.stdout

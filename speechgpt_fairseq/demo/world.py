@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from itertools import product
 
-VOICES = ["en", "en-us", "en+f3", "en+m3"]
-RATES = [130, 155, 180, 205]  # words per minute; espeak-ng's default is 175
+VOICES = ["en", "en-us", "en+m1", "en+m3"]
+RATES = [130, 150, 170, 190]  # words per minute; espeak-ng's default is 175
 ASSISTANT_VOICE, ASSISTANT_RATE = "en-us", 175  # how the model is taught to speak: TTS targets, spoken answers
 
 PEOPLE = ("anna ben clara david emma felix grace henry iris jack kate leo nick oscar paul rosa sam tina victor "
