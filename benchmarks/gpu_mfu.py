@@ -140,7 +140,7 @@ def main() -> None:
 
     results, saved = [], None
     with torch.device(device), _default_dtype(torch.bfloat16):
-        ours = SpeechGPTLlamaModel.build_model(cfg, argparse.Namespace(target_dictionary=vocab)).train()
+        ours = SpeechGPTLlamaModel.from_config(cfg, vocab).train()
     flops = flops_per_token(ours, ours.decoder.embed_tokens, cfg, args.seq)
     print(f"machine: {name} ({args.device}), peak bf16 {peak or 'unknown'} TFLOPs, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")

@@ -39,7 +39,7 @@ def build_ours(vocab, seq: int) -> SpeechGPTLlamaModel:
     cfg = SpeechGPTLlamaConfig(decoder_layers=LAYERS, decoder_embed_dim=DIM, decoder_ffn_embed_dim=FFN,
                                decoder_attention_heads=HEADS, decoder_kv_heads=KV_HEADS,
                                max_target_positions=max(seq, 1024), share_decoder_input_output_embed=False)
-    return SpeechGPTLlamaModel.build_model(cfg, argparse.Namespace(target_dictionary=vocab))
+    return SpeechGPTLlamaModel.from_config(cfg, vocab)
 
 
 def build_hf(ours: SpeechGPTLlamaModel, seq: int) -> transformers.LlamaForCausalLM:

@@ -2,7 +2,8 @@
 
 A spoken question becomes units (speech2unit, repeats merged), the chain-of-modality prompt is built for the
 modalities asked for, the model generates (inference.py), the response is parsed into its parts (TextI /
-`[ta]` TextR / `[ua]` SpeechR), and the spoken answer is vocoded. One turn per question, as SpeechGPT's demo.
+`[ta]` TextR / `[ua]` SpeechR), and the spoken answer is vocoded. One turn per question, as SpeechGPT's demo, or
+with `multi_turn` a conversation: each question goes after the earlier questions and answers, held in one cache.
 
 With `prompt_style="speechgpt"` the prompt is SpeechGPT's own chat prompt instead (data/prompts.py): the system
 prefix, then the request as typed, any audio file after "is input:" (or a request that is only an audio file)
@@ -25,7 +26,8 @@ from typing import Callable
 import numpy as np
 
 from speechgpt_fairseq.data.prompts import INPUT_MARK, com_prompt, parse_response, speechgpt_prompt
-from speechgpt_fairseq.inference import SPEECHGPT_SAMPLING, Sampling, SpeechGPTModel
+from speechgpt_fairseq.inference import SpeechGPTGenerator
+from speechgpt_fairseq.models.generation import SPEECHGPT_SAMPLING, Decoding
 from speechgpt_fairseq.speech.audio import AUDIO_EXTENSIONS
 from speechgpt_fairseq.speech.units import dedup_units, format_unit_string
 
@@ -53,17 +55,19 @@ class SpokenChat:
     """Answers questions with a chain-of-modality model.
 
     `speech_to_units(path) -> units` and `units_to_speech(units) -> waveform` are optional: without the first
-    only text questions are accepted, without the second spoken answers stay units.
+    only text questions are accepted, without the second spoken answers stay units. With `multi_turn`, each
+    question continues the conversation (the system prefix comes once, before the first).
     """
 
-    def __init__(self, model: SpeechGPTModel, speech_to_units: Callable[[Path], list[int]] | None = None,
+    def __init__(self, model: SpeechGPTGenerator, speech_to_units: Callable[[Path], list[int]] | None = None,
                  units_to_speech: Callable[[list[int]], np.ndarray] | None = None, system_prefix: str = "",
-                 sampling: Sampling = SPEECHGPT_SAMPLING, max_new_tokens: int | None = None, seed: int | None = None,
-                 prompt_style: str = "com", min_new_tokens: int | None = None):
+                 decoding: Decoding = SPEECHGPT_SAMPLING, max_new_tokens: int | None = None, seed: int | None = None,
+                 prompt_style: str = "com", min_new_tokens: int | None = None, multi_turn: bool = False):
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt style {prompt_style!r}: expected one of {PROMPT_STYLES}")
         self.model, self.speech_to_units, self.units_to_speech = model, speech_to_units, units_to_speech
-        self.system_prefix, self.sampling, self.seed, self.prompt_style = system_prefix, sampling, seed, prompt_style
+        self.system_prefix, self.decoding, self.seed, self.prompt_style = system_prefix, decoding, seed, prompt_style
+        self.conversation = model.conversation(decoding, seed) if multi_turn else None
         default_max, default_min = DEFAULT_LENGTHS[prompt_style]
         self.max_new_tokens = default_max if max_new_tokens is None else max_new_tokens
         self.min_new_tokens = default_min if min_new_tokens is None else min_new_tokens
@@ -77,7 +81,7 @@ class SpokenChat:
         weights in bfloat16 (half the memory: a 7B model in about 14 GB)."""
         import torch
 
-        loaded = SpeechGPTModel.from_checkpoint(model, device=device, dtype=torch.bfloat16 if bf16 else None)
+        loaded = SpeechGPTGenerator.from_checkpoint(model, device=device, dtype=torch.bfloat16 if bf16 else None)
         num_units = loaded.vocab.num_units
         task = loaded.task.cfg._name
         if task != "com_sft":
@@ -127,12 +131,13 @@ class SpokenChat:
         speechgpt style the question is a request as SpeechGPT's chat takes it, and `speak` is not used."""
         if not str(question).strip():
             raise ValueError("an empty question")
+        system = self.system_prefix if self.conversation is None or not self.conversation.length else ""
         if self.prompt_style == "speechgpt":
-            return speechgpt_prompt(self.request_units(str(question)), self.system_prefix)
+            return speechgpt_prompt(self.request_units(str(question)), system)
         if names_audio_file(question):
-            return self.system_prefix + com_prompt("s2s" if speak else "s2t", speech_i=self.units_of(question))
+            return system + com_prompt("s2s" if speak else "s2t", speech_i=self.units_of(question))
         text = " ".join(str(question).split())
-        return self.system_prefix + com_prompt("t2s" if speak else "t2t", text_i=text)
+        return system + com_prompt("t2s" if speak else "t2t", text_i=text)
 
     def units_of(self, audio: str | Path) -> list[int]:
         """The units of an audio file, repeats merged, as the model was trained on them."""
@@ -157,8 +162,14 @@ class SpokenChat:
     def respond(self, question: str | Path, speak: bool = True) -> ChatTurn:
         """Answer one question; with `speak`, in text and in speech (vocoded when a vocoder is loaded)."""
         prompt = self.prompt_for(question, speak)
-        response = self.model.generate([prompt], max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                                       seed=self.seed, min_new_tokens=self.min_new_tokens)[0]
+        if self.conversation is None:
+            response = self.model.generate([prompt], max_new_tokens=self.max_new_tokens, decoding=self.decoding,
+                                           seed=self.seed, min_new_tokens=self.min_new_tokens)[0]
+        else:
+            vocab = self.model.vocab
+            ids = vocab.encode(prompt, continuation=True) if self.conversation.length else vocab.encode_prompt(prompt)
+            answer = self.conversation.reply(ids, self.max_new_tokens, self.min_new_tokens)
+            response = self.model.text(self.model.response_ids(answer))
         parts = parse_response(response)
         turn = ChatTurn(str(question), prompt, response, transcript=parts.get("text_i"),
                         text=parts.get("text_r", parts.get("text")),

@@ -34,7 +34,7 @@ def records(run) -> list[dict]:
 
 
 class CannedModel:
-    """Stands in for SpeechGPTModel: answers every prompt with a fixed response and remembers the prompts."""
+    """Stands in for SpeechGPTGenerator: answers every prompt with a fixed response and remembers the prompts."""
 
     def __init__(self, response: str):
         self.response, self.prompts = response, []
@@ -71,7 +71,7 @@ def test_questions_that_cannot_be_asked():
 
 
 def test_text_question_in_text_and_speech(cli, com_model, tiny_vocoder, tmp_path):
-    from speechgpt_fairseq.inference import SpeechGPTModel
+    from speechgpt_fairseq.inference import SpeechGPTGenerator
     from speechgpt_fairseq.speech.vocoder import UnitVocoder
 
     checkpoint, config = tiny_vocoder
@@ -79,7 +79,7 @@ def test_text_question_in_text_and_speech(cli, com_model, tiny_vocoder, tmp_path
                "--speaker", 1, "--out", tmp_path / "answers", "--json")
     (record,) = records(run)
     assert record["prompt"] == com_prompt("t2s", text_i=QUESTION)
-    expected = SpeechGPTModel.from_checkpoint(com_model).generate([record["prompt"]], max_new_tokens=512)[0]
+    expected = SpeechGPTGenerator.from_checkpoint(com_model).generate([record["prompt"]], max_new_tokens=512)[0]
     assert record["response"] == expected  # the CLI decodes as the Python API does
     assert record["text"] and record["units"], record["response"]
     assert record["wav"] == str(tmp_path / "answers" / "answer-1.wav")
@@ -183,3 +183,27 @@ def test_system_file_is_taken_as_it_is(tmp_path):
     assert system_prompt(args) == "Be brief.\n\n"
     with pytest.raises(FileNotFoundError, match="nope.txt: no such system prompt file"):
         system_prompt(argparse.Namespace(system=None, system_file=str(tmp_path / "nope.txt"), system_from=None))
+
+
+def test_multi_turn_chat_keeps_the_conversation_in_one_cache(com_model):
+    """--multi-turn: the second question is read after the first question and its answer, in the same cache, and
+    answered as that whole conversation would be from scratch; the system prefix comes once."""
+    from speechgpt_fairseq.inference import SpeechGPTGenerator
+    from speechgpt_fairseq.models.generation import Decoding
+
+    generator = SpeechGPTGenerator.from_checkpoint(com_model)
+    chat_ = SpokenChat(generator, decoding=Decoding(), max_new_tokens=40, system_prefix="Be brief. ",
+                       multi_turn=True)
+    conversation, answers = chat_.conversation, []
+    reply = conversation.reply
+    conversation.reply = lambda *a, **k: answers.append(reply(*a, **k)) or answers[-1]
+    first = chat_.respond(QUESTION, speak=False)
+    cache = conversation.cache
+    second = chat_.respond("is zero more than nine", speak=False)
+    assert first.prompt.startswith("Be brief. ") and not second.prompt.startswith("Be brief.")
+    assert conversation.cache is cache
+    whole = (generator.vocab.encode_prompt(first.prompt) + generator.response_ids(answers[0])
+             + generator.vocab.encode(second.prompt, continuation=True))
+    expected = generator.generate_ids([whole], max_new_tokens=40, decoding=Decoding())[0]
+    assert generator.response_ids(answers[1]) == expected
+    assert second.response == generator.text(expected) and second.response

@@ -53,15 +53,12 @@ def test_presets_have_the_parameter_count_of_hf_llama(preset):
     vocab = Vocabulary._extend(["<unk>", "<s>", "</s>"] + [f"p{i}" for i in range(31997)], 1000, bos=1, eos=2,
                                pad=0, unk=0, kind=None, model=None)
 
-    class Task:
-        target_dictionary = vocab.to_dictionary()
-
     hf_cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=p["decoder_embed_dim"],
                          intermediate_size=p["decoder_ffn_embed_dim"], num_hidden_layers=p["decoder_layers"],
                          num_attention_heads=p["decoder_attention_heads"],
                          num_key_value_heads=p["decoder_kv_heads"], tie_word_embeddings=False)
     with torch.device("meta"):
-        ours = SpeechGPTLlamaModel.build_model(SpeechGPTLlamaConfig(**p), Task)
+        ours = SpeechGPTLlamaModel.from_config(SpeechGPTLlamaConfig(**p), vocab.to_dictionary())
         hf = LlamaForCausalLM(hf_cfg)
     count = sum(t.numel() for t in ours.parameters())
     assert count == sum(t.numel() for t in hf.parameters())

@@ -139,13 +139,10 @@ def tiny_model():
     from speechgpt_fairseq.data.vocabulary import Vocabulary
     from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 
-    class Task:
-        target_dictionary = Vocabulary.units_only(40).to_dictionary()
-
     torch.manual_seed(0)
     cfg = SpeechGPTLlamaConfig(decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
                                decoder_attention_heads=4, decoder_kv_heads=2, init_std=0.3)
-    return SpeechGPTLlamaModel.build_model(cfg, Task)
+    return SpeechGPTLlamaModel.from_config(cfg, Vocabulary.units_only(40).to_dictionary())
 
 
 def test_fsdp2_accumulates_gradients_over_micro_batches(one_process_group):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from speechgpt_fairseq.chat import PROMPT_STYLES, ChatTurn, SpokenChat
 from speechgpt_fairseq.data.instructions import read_system_prefix
-from speechgpt_fairseq.inference import SPEECHGPT_SAMPLING, Sampling
+from speechgpt_fairseq.models.generation import SPEECHGPT_SAMPLING, Decoding
 from speechgpt_fairseq.speech.units import format_unit_string
 from speechgpt_fairseq.speech.vocoder import write_wav
 
@@ -62,6 +62,9 @@ class Chat:
         system.add_argument("--system-file", default=None, help="a file whose text, as it is, goes before every prompt")
         system.add_argument("--system-from", default=None,
                             help="a SpeechInstruct JSON-lines file: its first non-empty `prefix` is the system prompt")
+        p.add_argument("--multi-turn", action="store_true",
+                       help="a conversation: each question goes after the earlier questions and answers (default: "
+                            "each question alone, as SpeechGPT's demo)")
         p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
         p.add_argument("--temperature", type=float, default=SPEECHGPT_SAMPLING.temperature)
         p.add_argument("--top-k", type=int, default=SPEECHGPT_SAMPLING.top_k)
@@ -77,13 +80,13 @@ class Chat:
 
     @staticmethod
     def run(args) -> None:
-        sampling = Sampling() if args.greedy else Sampling(sample=True, temperature=args.temperature,
+        decoding = Decoding() if args.greedy else Decoding(sample=True, temperature=args.temperature,
                                                            top_k=args.top_k, top_p=args.top_p)
         chat = SpokenChat.from_files(
             args.model, kmeans=args.kmeans, hubert=args.hubert, layer=args.layer, vocoder=args.vocoder,
             vocoder_config=args.vocoder_config, speaker=args.speaker, device=args.device, bf16=args.bf16,
-            system_prefix=system_prompt(args), sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed,
-            prompt_style=args.prompt, min_new_tokens=args.min_new_tokens)
+            system_prefix=system_prompt(args), decoding=decoding, max_new_tokens=args.max_new_tokens, seed=args.seed,
+            prompt_style=args.prompt, min_new_tokens=args.min_new_tokens, multi_turn=args.multi_turn)
         out = Path(args.out)
         if args.message is not None:
             for question in args.message:

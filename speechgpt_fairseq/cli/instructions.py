@@ -116,11 +116,11 @@ class RoundTrip:
 
         from speechgpt_fairseq.data.builders import shipped_templates
         from speechgpt_fairseq.data.prompts import instruction_prompt, strip_answer_end
-        from speechgpt_fairseq.inference import SpeechGPTModel
+        from speechgpt_fairseq.inference import SpeechGPTGenerator
         from speechgpt_fairseq.speech.units import format_unit_string
 
         records = read_generate_output(args.generate_output)
-        model = SpeechGPTModel.from_checkpoint(args.model, device=args.device)
+        model = SpeechGPTGenerator.from_checkpoint(args.model, device=args.device)
         instruction = args.instruction or shipped_templates("asr")[0]
 
         def transcribe(answers: list[list[int]]) -> list[str]:

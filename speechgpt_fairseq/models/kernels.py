@@ -3,8 +3,9 @@
 apex is not on PyPI (the PyPI package named `apex` is unrelated); whoever has built it gets its kernels with no
 config change. Without it the model normalizes with `F.rms_norm`, the `speechgpt_adamw` optimizer runs torch's
 `AdamW(fused=True)` (its multi-tensor path where torch has no fused kernel for the parameters), and attention is
-`scaled_dot_product_attention`, which runs flash attention on CUDA when the inputs allow it. Each choice is
-logged once, with the reason when the faster one could not be used.
+`scaled_dot_product_attention`, which runs flash attention on CUDA when the inputs allow it (a generation step
+in fp32 on the CPU runs two matmuls instead: torch's CPU kernel is slow for a single query). Each choice
+is logged once, with the reason when the faster one could not be used.
 """
 from __future__ import annotations
 
@@ -78,12 +79,36 @@ def sdpa_backend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, enable_gqa: bool) -> Tensor:
     """Scaled dot-product attention over (B, H, T, D); logs, once per kind of input, which kernel runs it."""
-    kind = (q.device.type, q.dtype, mask is None, is_causal)
+    one_query = _one_query_on_cpu(q, mask, is_causal)
+    kind = (q.device.type, q.dtype, mask is None, is_causal, one_query)
     if kind not in _attention_kinds_seen:
         _attention_kinds_seen.add(kind)
         where = "packed rows (mask)" if mask is not None else "causal" if is_causal else "cached step"
-        _log_once(f"kernels: attention ({q.dtype}, {where}) on {sdpa_backend(q, k, v, mask, is_causal, enable_gqa)}")
+        backend = ("cpu (matmuls, query heads grouped by key/value head)" if one_query
+                   else sdpa_backend(q, k, v, mask, is_causal, enable_gqa))
+        _log_once(f"kernels: attention ({q.dtype}, {where}) on {backend}")
+    if one_query:
+        return _one_query_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa)
+
+
+def _one_query_on_cpu(q: Tensor, mask: Tensor | None, is_causal: bool) -> bool:
+    """A generation step in fp32 on the CPU: one query per row that sees every key. torch's CPU kernel is slower
+    there than two matmuls (per layer, batch 8, 544 keys: 440 us against 256 us). In bf16 the matmuls would be ~9x
+    faster still (7 ms against 0.8 ms), but their rounding differs from SDPA's by a bf16 ulp, which flips greedy
+    picks at near-ties against transformers (benchmarks/generate.py): bf16 keeps SDPA."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.size(2) == 1 and mask is None
+            and not is_causal)
+
+
+def _one_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v for q (B, H, 1, D) over k, v (B, Hkv, S, D); the H / Hkv query heads that
+    share a key/value head are the rows of one matmul (no repeated keys)."""
+    B, H, _, D = q.shape
+    Hkv = k.size(1)
+    qg = q.reshape(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D): head h uses key/value head h // G
+    w = (qg @ k.transpose(-1, -2)).mul_(D ** -0.5).softmax(-1)  # (B, Hkv, G, S)
+    return (w @ v).reshape(B, H, 1, D)
 
 
 # ---- AdamW --------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """LLaMA as a fairseq language model: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention.
 
+In reading order: the config, the network (norm, rotary, attention, feed-forward, block, decoder), the key/value
+cache generation writes into (`KVCache`: `prefill` a batch of prompts, then `step`), the fairseq model.
 Submodule names follow Hugging Face's `modeling_llama.py`, so the weight map between the two is the identity
-up to a prefix (see models/hf.py). Incremental decoding keeps a key/value cache in fairseq's incremental
-state; a prompt handed over by `PromptPrefillGenerator` is run through the stack in one forward pass.
-With `lora_rank > 0` the target Linear layers carry LoRA adapters (models/lora.py) and only those train; with
-`lora_base` set the frozen base is read from that checkpoint and checkpoints hold only the adapters.
+up to a prefix (see models/hf.py). With `lora_rank > 0` the target Linear layers carry LoRA adapters
+(models/lora.py) and only those train; with `lora_base` set the frozen base is read from that checkpoint and
+checkpoints hold only the adapters.
 """
 
 import math
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from fairseq.data import Dictionary
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, register_model
 from torch import Tensor, nn
@@ -19,7 +21,6 @@ from torch.utils.checkpoint import checkpoint
 
 from speechgpt_fairseq.data.vocabulary import dictionary_digest
 from speechgpt_fairseq.models import kernels
-from speechgpt_fairseq.models.generation import prefilled_length
 from speechgpt_fairseq.models.lora import LoRAError, apply_lora, is_lora_key, load_base_weights, parse_targets
 
 
@@ -134,30 +135,29 @@ def rotary_frequencies(head_dim: int, cfg) -> Tensor:
     return inv_freq
 
 
-class Rotary(nn.Module):
-    """cos/sin tables of the rotary embedding, in fp32, grown on demand."""
+class Rotary:
+    """cos/sin tables (positions, head_dim) of the rotary embedding, in fp32 whatever the model's dtype (as
+    transformers computes them), on the device asked for, grown on demand. Derived from the config: no state."""
 
     def __init__(self, inv_freq: Tensor, max_positions: int):
-        super().__init__()
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._build(max_positions)
+        self.inv_freq = inv_freq
+        self._build(max_positions, inv_freq.device)
 
-    def _build(self, n: int) -> None:
-        freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
+    def _build(self, n: int, device: torch.device) -> None:
+        freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), self.inv_freq.to(device))
         emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.cos, self.sin = emb.cos(), emb.sin()
 
-    def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+    def __call__(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """Tables for positions [start, start + length): (T, D)."""
-        if start + length > self.cos.size(0):
-            self._build(2 * (start + length))
+        if start + length > self.cos.size(0) or self.cos.device != device:
+            self._build(max(2 * (start + length), self.cos.size(0)), device)
         return self.cos[start:start + length], self.sin[start:start + length]
 
     def at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Tables for per-token positions (B, T): (B, 1, T, D), broadcast over heads."""
-        if int(positions.max()) >= self.cos.size(0):
-            self._build(2 * (int(positions.max()) + 1))
+        if int(positions.max()) >= self.cos.size(0) or self.cos.device != positions.device:
+            self._build(max(2 * (int(positions.max()) + 1), self.cos.size(0)), positions.device)
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
@@ -179,37 +179,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: dict | None = None,
-                layer: int = 0, start: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, causal: bool = True,
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+        """`mask` (B, 1, T, S) says which keys each query sees, else `causal` or all; with `kv` (this layer's cache
+        buffers, (B, Hkv, N, D)) the new keys and values are written at [start, start + T) and all up to there seen."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # fp32 tables; bf16 under autocast
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        causal = mask is None
-        if cache is not None:
-            k, v = _cache_write(cache, layer, k, v, start)  # (B, Hkv, start + T, D)
-            causal = T > 1  # a single new token sees the whole cache
+        if kv is not None:
+            kv[0][:, :, start:start + T] = k
+            kv[1][:, :, start:start + T] = v
+            k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]  # (B, Hkv, S, D), S = start + T
         y = kernels.attention(q, k, v, mask, causal, enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-def _cache_write(cache: dict, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
-    """Store k, v at positions [start, start + T) of this layer's cache and return positions [0, start + T)."""
-    end = start + k.size(2)
-    kk, vk = f"k{layer}", f"v{layer}"
-    if kk not in cache or cache[kk].size(2) < end:
-        capacity = max(256, 2 * end)
-        grown_k = k.new_zeros(k.size(0), k.size(1), capacity, k.size(3))
-        grown_v = torch.zeros_like(grown_k)
-        if kk in cache:
-            grown_k[:, :, :start] = cache[kk][:, :, :start]
-            grown_v[:, :, :start] = cache[vk][:, :, :start]
-        cache[kk], cache[vk] = grown_k, grown_v
-    cache[kk][:, :, start:end] = k
-    cache[vk][:, :, start:end] = v
-    return cache[kk][:, :, :end], cache[vk][:, :, :end]
 
 
 class MLP(nn.Module):
@@ -232,9 +217,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = rms_norm(cfg.decoder_embed_dim, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: dict | None = None,
-                layer: int = 0, start: int = 0) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, causal: bool = True,
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, kv, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -246,58 +231,46 @@ def positions_within_examples(example_ids: Tensor) -> Tensor:
     return idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
 
 
+VOCAB_DIGEST_BYTES = 32  # sha256 of the vocabulary (data/vocabulary.py's dictionary_digest)
+
+
 class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
-    def __init__(self, cfg, dictionary):
+    """The LLaMA, built from a config and a vocabulary size. Training and scoring run whole sequences
+    (`extract_features`); generation runs `prefill` then `step` over a `KVCache` the caller owns."""
+
+    def __init__(self, cfg, vocab_size: int, dictionary=None):
         super().__init__(dictionary)
         self.cfg = cfg
         dim = cfg.decoder_embed_dim
-        self.embed_tokens = nn.Embedding(len(dictionary), dim)
+        self.embed_tokens = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.decoder_layers))
         self.norm = rms_norm(dim, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.share_decoder_input_output_embed else nn.Linear(dim, len(dictionary), bias=False)
-        head_dim = cfg.head_dim or dim // cfg.decoder_attention_heads
-        self.rotary = Rotary(rotary_frequencies(head_dim, cfg), cfg.max_target_positions)
-        # the vocabulary the embedding rows belong to; checked when a checkpoint is loaded
-        digest = torch.tensor(list(bytes.fromhex(dictionary_digest(dictionary))), dtype=torch.uint8)
-        self.register_buffer("vocab_digest", digest)
-        self._pending_prompt: Tensor | None = None
+        self.lm_head = None if cfg.share_decoder_input_output_embed else nn.Linear(dim, vocab_size, bias=False)
+        self.head_dim = cfg.head_dim or dim // cfg.decoder_attention_heads
+        self.rotary = Rotary(rotary_frequencies(self.head_dim, cfg), cfg.max_target_positions)
+        # the vocabulary the embedding rows belong to, checked when a checkpoint is loaded; zeros: not known
+        self.register_buffer("vocab_digest", torch.zeros(VOCAB_DIGEST_BYTES, dtype=torch.uint8))
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
-    # ---- full sequences (training, scoring) -------------------------------------------------
-    def forward(self, prev_output_tokens: Tensor, src_lengths=None, encoder_out=None, incremental_state=None,
-                features_only: bool = False, example_ids: Tensor | None = None, **unused):
-        """Logits (B, T, V). `example_ids` (B, T) marks packed rows: tokens attend, and count positions, only
-        within their own example."""
-        if incremental_state is None:
-            h = self.extract_features(prev_output_tokens, example_ids=example_ids)
-        else:
-            h = self._decode_step(prev_output_tokens, incremental_state)
-        return (h if features_only else self.output_layer(h)), {"attn": None}
-
-    def extract_features(self, tokens: Tensor, encoder_out=None, example_ids: Tensor | None = None,
-                         **unused) -> Tensor:
-        return self._run(tokens, start=0, cache=None, example_ids=example_ids)
-
-    def _run(self, tokens: Tensor, start: int, cache: dict | None, example_ids: Tensor | None = None) -> Tensor:
-        """Hidden states after the final norm for `tokens` at positions [start, start + T)."""
+    # ---- whole sequences (training, scoring) -------------------------------------------------
+    def extract_features(self, tokens: Tensor, example_ids: Tensor | None = None, **unused) -> Tensor:
+        """Hidden states (B, T, C) after the final norm. `example_ids` (B, T) marks packed rows: tokens attend,
+        and count positions, only within their own example."""
         x = self.embed_tokens(tokens)  # (B, T, C)
         mask = None
         if example_ids is None:
-            cos, sin = self.rotary(start, tokens.size(1))
+            cos, sin = self.rotary(0, tokens.size(1), tokens.device)
         else:
             cos, sin = self.rotary.at(positions_within_examples(example_ids))
             same = example_ids.unsqueeze(2) == example_ids.unsqueeze(1)  # (B, T, T)
             mask = (same & torch.ones_like(same[0]).tril()).unsqueeze(1)  # (B, 1, T, T), causal per example
         recompute = self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled()
-        for i, layer in enumerate(self.layers):
-            if recompute:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache, i, start)
+        for layer in self.layers:
+            x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False) if recompute else layer(x, cos, sin, mask)
         return self.norm(x)
 
     @property
@@ -311,41 +284,65 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
     def max_positions(self) -> int:
         return self.cfg.max_target_positions
 
-    # ---- incremental decoding ---------------------------------------------------------------
-    def set_pending_prompt(self, prompt: Tensor | None) -> None:
-        """The forced prompt of the next generation (B, P), right-padded; run in one pass at its first step."""
-        self._pending_prompt = prompt
+    # ---- generation: prefill, then step ------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int) -> "KVCache":
+        """An empty cache for `batch` rows of up to `capacity` tokens each, in the model's dtype and device."""
+        w = self.embed_tokens.weight
+        return KVCache(len(self.layers), batch, self.cfg.decoder_kv_heads or self.cfg.decoder_attention_heads,
+                       self.head_dim, capacity, w.dtype, w.device)
 
-    def _decode_step(self, tokens: Tensor, incremental_state: dict) -> Tensor:
-        """Hidden state of the last position of `tokens` (N, S); positions before it are cached."""
-        pos = tokens.size(1) - 1
+    def prefill(self, prompts: list[Tensor], cache: "KVCache") -> Tensor:
+        """Run prompts of different lengths into an empty cache, one row each; the logits (B, V) that follow each
+        prompt. Rows are left-padded: every row's next token goes to the same column."""
+        if cache.length or cache.batch != len(prompts):
+            raise ValueError(f"prefill takes an empty cache of {len(prompts)} rows (got {cache.batch} rows, "
+                             f"{cache.length} positions filled)")
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("prefill needs at least one prompt, each of at least one token")
+        longest = max(len(p) for p in prompts)
+        tokens = prompts[0].new_zeros(len(prompts), longest)  # the padding id is never seen
+        for row, p in enumerate(prompts):
+            tokens[row, longest - len(p):] = p
+        cache.set_padding(torch.tensor([longest - len(p) for p in prompts], device=tokens.device))
+        return self.step(tokens, cache)
+
+    def step(self, tokens: Tensor, cache: "KVCache", every_position: bool = False) -> Tensor:
+        """Append `tokens` (B, T) to the cache's rows; the logits (B, V) after the last of them, or (B, T, V) after
+        each with `every_position`. Equal to a full forward pass over each row's tokens so far."""
+        start, T = cache.length, tokens.size(1)
+        if start + T > cache.capacity:
+            raise ValueError(f"the cache holds {cache.capacity} positions; {start} are filled, {T} more do not fit")
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        cos, sin = self.rotary.at(cache.positions(T)) if cache.padded else self.rotary(start, T, tokens.device)
+        mask, causal = cache.attention_mask(T)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, causal, cache.layer(i), start)
+        cache.length += T
+        if not every_position:
+            return self.output_layer(self.norm(x[:, -1]))  # (B, V)
+        return self.output_layer(self.norm(x))  # (B, T, V)
+
+    # ---- fairseq's decoder contract (training, fairseq's stock SequenceGenerator) ----------------
+    def forward(self, prev_output_tokens: Tensor, src_lengths=None, encoder_out=None, incremental_state=None,
+                features_only: bool = False, example_ids: Tensor | None = None, **unused):
+        """(logits or features (B, T, ·), extras), fairseq's way. With `incremental_state` (fairseq's stock
+        generator) the tokens not yet cached go through `step`, and the result covers those only."""
+        if incremental_state is None:
+            h = self.extract_features(prev_output_tokens, example_ids=example_ids)
+            return (h if features_only else self.output_layer(h)), {"attn": None}
         cache = self.get_incremental_state(incremental_state, "cache")
-        if cache is None:
-            cache = {}
+        n = prev_output_tokens.size(1)
+        if cache is None:  # fairseq does not say how long generation runs: start small, double when full
+            cache = self.new_cache(prev_output_tokens.size(0), min(max(64, 2 * n), self.max_positions()))
             self.set_incremental_state(incremental_state, "cache", cache)
-            prompt, self._pending_prompt = self._pending_prompt, None
-            if prompt is not None and prompt.numel():
-                prompt = prompt.repeat_interleave(tokens.size(0) // prompt.size(0), dim=0)
-                # forced positions all rows share: fairseq forces every non-pad prompt token, so stop at the
-                # first pad of any row (padding, or a genuine <unk> where pad is unk)
-                common = prefilled_length(prompt, self.dictionary.pad())
-                if common > 0:
-                    # positions 0..common in one pass; steps up to `common` read their hidden state from here
-                    cache["prefill"] = self._run(torch.cat([tokens[:, :1], prompt[:, :common]], 1), 0, cache)
-        prefill = cache.get("prefill")
-        if prefill is not None:
-            if pos < prefill.size(1):
-                return prefill[:, pos:pos + 1]
-            del cache["prefill"]  # past the prompt: nothing to keep (or reorder) any longer
-        return self._run(tokens[:, -1:], pos, cache)
+        elif n > cache.capacity:
+            cache.grow(min(max(2 * cache.capacity, n), self.max_positions()))
+        return self.step(prev_output_tokens[:, cache.length:], cache, every_position=True), {"attn": None}
 
     def reorder_incremental_state(self, incremental_state: dict, new_order: Tensor):
         cache = self.get_incremental_state(incremental_state, "cache")
-        if cache is None or (len(new_order) == next(iter(cache.values()), new_order).size(0)
-                             and torch.equal(new_order, torch.arange(len(new_order), device=new_order.device))):
-            return  # the same rows in the same order (greedy and sampling, until a row finishes)
-        for key, value in cache.items():
-            cache[key] = value.index_select(0, new_order)
+        if cache is not None:
+            cache.reorder(new_order)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def upgrade_state_dict_named(self, state_dict, name):
@@ -354,12 +351,87 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
         return state_dict
 
 
+class KVCache:
+    """Keys and values of every layer for `batch` rows, preallocated for `capacity` tokens per row, so that a step
+    writes its keys in place. Rows are left-padded (prompts of different lengths): row b holds its tokens in columns
+    [pad[b], length), and every row's next token goes to column `length`."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        # (L, B, Hkv, N, D): a layer's slice is the (B, Hkv, N, D) buffer attention writes into
+        self.k = torch.empty(layers, batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0  # columns filled
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) columns before each row's first token
+        self.padded = False  # whether any row has padding (then steps need an attention mask)
+
+    @property
+    def batch(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.size(3)
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        """Layer i's key and value buffers, (B, Hkv, N, D) each."""
+        return self.k[i], self.v[i]
+
+    def positions(self, T: int) -> Tensor:
+        """(B, T) positions of the next T tokens of each row, counted from its own first token."""
+        columns = torch.arange(self.length, self.length + T, device=self.pad.device)
+        return (columns - self.pad.unsqueeze(1)).clamp(min=0)
+
+    def attention_mask(self, T: int) -> tuple[Tensor | None, bool]:
+        """(mask (B, 1, T, S) or None, causal) for T new tokens: each sees its row's tokens up to itself. Padding
+        queries (a prompt's left padding) see only themselves, so that no row of the softmax is empty."""
+        if not self.padded:
+            if T == 1:
+                return None, False  # one new token sees every cached one
+            if self.length == 0:
+                return None, True
+        end = self.length + T
+        columns = torch.arange(end, device=self.pad.device)  # (S,)
+        query = torch.arange(self.length, end, device=self.pad.device).unsqueeze(1)  # (T, 1)
+        first = torch.minimum(self.pad.view(-1, 1, 1), query)  # (B, T, 1): a padding query starts at itself
+        return ((columns >= first) & (columns <= query)).unsqueeze(1), False  # (B, 1, T, S)
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep the rows `rows` names, in that order: beams reordered, finished rows dropped, a row repeated."""
+        if len(rows) == self.batch and torch.equal(rows, torch.arange(len(rows), device=rows.device)):
+            return
+        n = self.length
+        k, v = self.k, self.v
+        if len(rows) > k.size(1):  # more rows than the buffers hold: new ones (in place the gather reads first)
+            k = k.new_empty(k.size(0), len(rows), *k.shape[2:])
+            v = torch.empty_like(k)
+        k[:, :len(rows), :, :n] = self.k[:, rows, :, :n]
+        v[:, :len(rows), :, :n] = self.v[:, rows, :, :n]
+        self.k, self.v = k[:, :len(rows)], v[:, :len(rows)]
+        self.set_padding(self.pad[rows])
+
+    def set_padding(self, pad: Tensor) -> None:
+        """Columns (B,) before each row's first token."""
+        self.pad, self.padded = pad, bool(pad.any())
+
+    def grow(self, capacity: int) -> None:
+        """Hold at least `capacity` tokens per row (a conversation's next turn); copies what is cached."""
+        if capacity <= self.capacity:
+            return
+        k = self.k.new_empty(*self.k.shape[:3], capacity, self.k.size(4))
+        v = torch.empty_like(k)
+        k[:, :, :, :self.length] = self.k[:, :, :, :self.length]
+        v[:, :, :, :self.length] = self.v[:, :, :, :self.length]
+        self.k, self.v = k, v
+
+
 def check_checkpoint_fits(decoder: SpeechGPTLlamaDecoder, state_dict: dict, prefix: str) -> None:
     """Refuse, with the reason, a checkpoint of another vocabulary or another shape."""
     theirs = state_dict.get(prefix + "vocab_digest")
     emb = state_dict.get(prefix + "embed_tokens.weight")
     n_ours = decoder.embed_tokens.weight.size(0)
-    if theirs is not None and not torch.equal(theirs.to(torch.uint8), decoder.vocab_digest.cpu()):
+    ours = decoder.vocab_digest.cpu()
+    if theirs is not None and theirs.any() and ours.any() and not torch.equal(theirs.to(torch.uint8), ours):
         n_theirs = emb.size(0) if emb is not None else "?"
         raise ModelConfigError(
             f"the checkpoint's vocabulary ({n_theirs} tokens) differs from the data directory's ({n_ours} tokens); "
@@ -383,8 +455,17 @@ class SpeechGPTLlamaModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, cfg, task):
+        return cls.from_config(cfg, task.target_dictionary)
+
+    @classmethod
+    def from_config(cls, cfg: SpeechGPTLlamaConfig, vocab: int | Dictionary) -> "SpeechGPTLlamaModel":
+        """The model `cfg` describes over a vocabulary: its size, or a fairseq Dictionary, whose digest the model's
+        checkpoints then carry (and loading checks)."""
         validate_config(cfg)
-        decoder = SpeechGPTLlamaDecoder(cfg, task.target_dictionary)
+        dictionary = None if isinstance(vocab, int) else vocab
+        decoder = SpeechGPTLlamaDecoder(cfg, vocab if dictionary is None else len(dictionary), dictionary)
+        if dictionary is not None:
+            decoder.vocab_digest.copy_(torch.tensor(list(bytes.fromhex(dictionary_digest(dictionary)))))
         if cfg.lora_base:
             base = load_base_weights(cfg.lora_base)
             try:

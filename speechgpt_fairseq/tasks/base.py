@@ -1,5 +1,5 @@
 """What every SpeechGPT task shares: the vocabulary of the data directory, carried into checkpoints, and the
-generator (prompt prefill, per-prompt limits, stop text)."""
+generator fairseq-generate runs (models/generation.py: prompts prefilled, per-prompt limits, stop text)."""
 import logging
 from pathlib import Path
 
@@ -7,7 +7,7 @@ from fairseq.data import MMapIndexedDataset
 from fairseq.tasks import FairseqTask
 
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary, VocabularyError, read_vocab_json, records_hold_bos
-from speechgpt_fairseq.models.generation import PromptPrefillGenerator
+from speechgpt_fairseq.models.generation import FairseqGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,17 @@ class SpeechGPTTask(FairseqTask):
         pass  # the data directory's vocabulary rules; a checkpoint of another one is refused by the model
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
-        extra = {"stop_text": getattr(self.cfg, "stop_text", None), **(extra_gen_cls_kwargs or {})}
-        return super().build_generator(models, args, seq_gen_cls=seq_gen_cls or PromptPrefillGenerator,
-                                       extra_gen_cls_kwargs=extra, **kwargs)
+        """Our generator (models/generation.py) for one model; fairseq-generate's language-model fusion
+        (--lm-path) and other generator classes are refused."""
+        extra = dict(extra_gen_cls_kwargs or {})
+        extra.pop("lm_weight", None)
+        if extra.pop("lm_model", None) is not None or seq_gen_cls is not None or kwargs.get("prefix_allowed_tokens_fn"):
+            raise ValueError("--lm-path, another generator class and prefix_allowed_tokens_fn are not supported by "
+                             "our tasks' generator")
+        if len(models) != 1:
+            raise ValueError(f"{len(models)} models: our tasks generate with one model (no ensembles)")
+        return FairseqGenerator(models[0], self.target_dictionary, args,
+                                stop_text=getattr(self.cfg, "stop_text", None), **extra)
 
 
 def load_data_vocabulary(data: str) -> Vocabulary:

@@ -19,7 +19,6 @@ from speechgpt_fairseq.data.instruction_dataset import LOSS_SEGMENTS, Instructio
 from speechgpt_fairseq.data.instructions import SEGMENTS_SUFFIX
 from speechgpt_fairseq.data.prompts import EOA
 from speechgpt_fairseq.data.vocabulary import Vocabulary
-from speechgpt_fairseq.models.generation import prompt_batch
 from speechgpt_fairseq.tasks.base import SpeechGPTTask, TaskDataError, load_split
 
 logger = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ class InstructionTask(SpeechGPTTask):
         """Prompt with each example's system + human turn; the example's response becomes the reference.
 
         The sample is rewritten in place so that fairseq-generate prints and scores the prompt (S-), the
-        reference response (T-) and the generated response without its prompt (H-/D-).
+        reference response (T-) and the generated response (H-/D-).
         """
         if "prompt_lengths" not in sample:
             raise ValueError("generation needs whole examples: set task.pack=false")
@@ -101,15 +100,10 @@ class InstructionTask(SpeechGPTTask):
         lengths = sample["prompt_lengths"].tolist()
         prompts = [ref[:n] for ref, n in zip(sample["references"], lengths)]
         refs = [ref[n:] for ref, n in zip(sample["references"], lengths)]
-        src, first, forced = prompt_batch(prompts, pad)
-        sample["net_input"] = {"src_tokens": src, "src_lengths": torch.tensor(lengths)}
+        sample["net_input"] = {"src_tokens": data_utils.collate_tokens(prompts, pad, left_pad=False),
+                               "src_lengths": torch.tensor(lengths)}
         sample["target"] = data_utils.collate_tokens(refs, pad, left_pad=False)
-        hypos = generator.generate(models, sample, prefix_tokens=forced, constraints=constraints, bos_token=first)
-        for n, beams in zip(lengths, hypos):
-            for h in beams:  # a hypothesis holds the forced prompt after the start token, then the response
-                h["tokens"], h["positional_scores"] = h["tokens"][n - 1:], h["positional_scores"][n - 1:]
-                h["alignment"] = None
-        return hypos
+        return generator.generate_prompts(prompts, sample["id"].tolist())
 
 
 class ResponseText:

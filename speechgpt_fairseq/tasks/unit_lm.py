@@ -3,6 +3,7 @@
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import register_task
 from omegaconf import II
@@ -39,10 +40,18 @@ class UnitLMTask(SpeechGPTTask):
         self.datasets[split] = dataset
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
-        """Continue each utterance of the split: the prompt is the record (bos first when the tokenizer adds one);
-        the generator starts from its first token and is forced through the rest."""
+        """Continue each utterance of the split (bos first when the tokenizer adds one). A hypothesis holds the
+        utterance after its first token, as fairseq prints a forced prefix, then the continuation; the
+        utterance's tokens score 0 (given, not generated)."""
         if self.cfg.sample_break_mode != "eos":
             raise ValueError("generation continues whole utterances: pass --sample-break-mode eos")
-        src = sample["net_input"]["src_tokens"]
-        return generator.generate(models, sample, prefix_tokens=src[:, 1:], constraints=constraints,
-                                  bos_token=src[:, 0])
+        net_input = sample["net_input"]
+        prompts = [row[:n] for row, n in zip(net_input["src_tokens"], net_input["src_lengths"].tolist())]
+        hypos = generator.generate_prompts(prompts, sample["id"].tolist())
+        for prompt, beams in zip(prompts, hypos):
+            given = prompt[1:].to(beams[0]["tokens"].device)
+            for h in beams:
+                h["tokens"] = torch.cat([given, h["tokens"]])
+                h["positional_scores"] = torch.cat([h["positional_scores"].new_zeros(len(given)),
+                                                    h["positional_scores"]])
+        return hypos

@@ -51,7 +51,7 @@ def test_registered_fairseq_names():
     ("chat", {"--model", "--message", "--kmeans", "--hubert", "--layer", "--vocoder", "--vocoder-config", "--speaker",
               "--out", "--text-only", "--prompt", "--system", "--system-file", "--system-from", "--greedy",
               "--temperature", "--top-k", "--top-p", "--seed", "--max-new-tokens", "--min-new-tokens", "--device",
-              "--bf16", "--json"}),
+              "--bf16", "--json", "--multi-turn"}),
     ("demo", {"--out", "--hubert", "--layer", "--quick", "--config-dir", "--workers"}),
     ("make-corpus", {"--out", "--sentences", "--renditions", "--vocab-size", "--seed", "--workers", "--overwrite",
                      "--no-progress"}),

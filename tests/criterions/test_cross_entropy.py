@@ -97,13 +97,10 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(smoothing):
 def _tiny_model(vocab):
     from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 
-    class ModelTask:
-        target_dictionary = vocab.to_dictionary()
-
     torch.manual_seed(0)
     cfg = SpeechGPTLlamaConfig(decoder_layers=1, decoder_embed_dim=16, decoder_ffn_embed_dim=32,
                                decoder_attention_heads=2, init_std=0.3)
-    return SpeechGPTLlamaModel.build_model(cfg, ModelTask)
+    return SpeechGPTLlamaModel.from_config(cfg, vocab.to_dictionary())
 
 
 def test_chunked_criterion_equals_the_plain_one_and_never_holds_all_logits(monkeypatch):

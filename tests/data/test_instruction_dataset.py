@@ -67,12 +67,9 @@ def test_packed_loss_equals_the_examples_alone():
     from speechgpt_fairseq.data.vocabulary import Vocabulary
     from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 
-    class Task:
-        vocab = Vocabulary.units_only(40)
-        target_dictionary = vocab.to_dictionary()
-
     torch.manual_seed(0)
-    model = SpeechGPTLlamaModel.build_model(SpeechGPTLlamaConfig(decoder_kv_heads=2, init_std=0.3), Task).eval()
+    model = SpeechGPTLlamaModel.from_config(SpeechGPTLlamaConfig(decoder_kv_heads=2, init_std=0.3),
+                                            Vocabulary.units_only(40).to_dictionary()).eval()
     ds = InstructionDataset(TOKENS, SEGS, "prefix", pad=0)
     packed = PackedInstructionDataset(ds, row_tokens=12, pad=0)
     assert len(packed) == 2

@@ -18,7 +18,7 @@ speechgpt_fairseq.register()
 from speechgpt_fairseq.data.instruction_dataset import InstructionDataset
 from speechgpt_fairseq.data.instructions import prepare_instructions
 from speechgpt_fairseq.data.vocabulary import Vocabulary
-from speechgpt_fairseq.inference import SpeechGPTModel
+from speechgpt_fairseq.inference import SpeechGPTGenerator
 from speechgpt_fairseq.models.hf import convert_hf, export_hf
 
 MAX_NEW = 12
@@ -77,7 +77,7 @@ def test_logits_equal_transformers(situation):
 
 def test_greedy_python_api_equals_transformers(situation):
     """Batched prompts of different lengths; the first one ends at its eos, the others at the length limit."""
-    model = SpeechGPTModel.from_checkpoint(situation.converted / "checkpoint.pt")
+    model = SpeechGPTGenerator.from_checkpoint(situation.converted / "checkpoint.pt")
     vocab, hf = model.vocab, hf_model(situation.hf_dir)
     ours = model.generate_ids([vocab.encode_prompt(t) for t in situation.prompt_texts], max_new_tokens=MAX_NEW)
     for i, ids in enumerate(situation.prompt_ids):

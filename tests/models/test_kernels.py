@@ -19,15 +19,11 @@ from speechgpt_fairseq.models import kernels
 from speechgpt_fairseq.models.llama import RMSNorm, SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 
 
-class _Task:
-    target_dictionary = Vocabulary.units_only(40).to_dictionary()
-
-
 def build():
     torch.manual_seed(0)
     cfg = SpeechGPTLlamaConfig(decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
                                decoder_attention_heads=4, decoder_kv_heads=2, init_std=0.3)
-    return SpeechGPTLlamaModel.build_model(cfg, _Task)
+    return SpeechGPTLlamaModel.from_config(cfg, Vocabulary.units_only(40).to_dictionary())
 
 
 class FakeFusedRMSNorm(nn.Module):
@@ -153,3 +149,20 @@ def test_attention_matches_the_reference_formula(log):
     scores = (q @ kk.transpose(-1, -2)) / 8 ** 0.5 + torch.full((6, 6), float("-inf")).triu(1)
     torch.testing.assert_close(out, F.softmax(scores, -1) @ vv)
     assert log() == ["kernels: attention (torch.float32, causal) on cpu (torch's kernel for this device)"]
+
+
+def test_one_query_fp32_steps_on_the_cpu_match_sdpa(log):
+    """A generation step in fp32 on the CPU runs two matmuls instead of torch's kernel: SDPA's output, for
+    grouped-query attention over keys that are a cache's view; bf16 keeps SDPA (its rounding, transformers')."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, 1, 16)
+    cache = torch.randn(2, 3, 2, 40, 16)  # (k/v, B, Hkv, capacity, D)
+    k, v = cache[0, :, :, :25], cache[1, :, :, :25]
+    out = kernels.attention(q, k, v, None, is_causal=False, enable_gqa=True)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    torch.testing.assert_close(out, expected.float(), atol=1e-6, rtol=0)
+    half = kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, is_causal=False, enable_gqa=True)
+    assert torch.equal(half, F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), enable_gqa=True))
+    assert log() == ["kernels: attention (torch.float32, cached step) on cpu (matmuls, query heads grouped by "
+                     "key/value head)",
+                     "kernels: attention (torch.bfloat16, cached step) on cpu (torch's kernel for this device)"]

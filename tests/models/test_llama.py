@@ -1,20 +1,14 @@
-"""The LLaMA decoder: incremental decoding and prompt prefill agree with the full forward pass."""
+"""The LLaMA decoder: the cache's prefill and steps agree with the full forward pass; configs and checkpoints that
+do not fit are refused."""
 import pytest
 import torch
 import torch.nn.functional as F
-from fairseq.sequence_generator import SequenceGenerator
 
 import speechgpt_fairseq
 
 speechgpt_fairseq.register()
 from speechgpt_fairseq.data.vocabulary import Vocabulary
-from speechgpt_fairseq.models.generation import PromptPrefillGenerator
 from speechgpt_fairseq.models.llama import ModelConfigError, SpeechGPTLlamaConfig, SpeechGPTLlamaModel
-
-
-class _Task:
-    def __init__(self, vocab):
-        self.target_dictionary = vocab.to_dictionary()
 
 
 def build(kv_heads=2, tied=False, vocab=None, **kw):
@@ -23,70 +17,73 @@ def build(kv_heads=2, tied=False, vocab=None, **kw):
     cfg = SpeechGPTLlamaConfig(decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
                                decoder_attention_heads=4, decoder_kv_heads=kv_heads,
                                share_decoder_input_output_embed=tied, init_std=0.3, **kw)
-    return SpeechGPTLlamaModel.build_model(cfg, _Task(vocab)).eval()
+    return SpeechGPTLlamaModel.from_config(cfg, vocab.to_dictionary()).eval()
 
 
-@pytest.mark.parametrize("kv_heads,tied", [(4, False), (2, True), (1, False)])
-def test_incremental_decoding_equals_full_forward(kv_heads, tied):
+def last_logits(model, rows: list[torch.Tensor]) -> torch.Tensor:
+    """Each row alone through the full forward pass: the logits after its last token (B, V)."""
+    with torch.no_grad():
+        return torch.stack([model(r.unsqueeze(0))[0][0, -1] for r in rows])
+
+
+@pytest.mark.parametrize("kv_heads,tied,lengths", [(4, False, (7, 2, 5)), (2, True, (7, 2, 5)), (1, False, (7, 2, 5)),
+                                                   (2, False, (4, 4, 4))])
+def test_prefill_and_steps_equal_the_full_forward_pass(kv_heads, tied, lengths):
+    """Prompts prefilled together (left-padded where their lengths differ), then one token per row per step, then
+    several tokens per row at once onto the filled cache (chunked prefill, a conversation's next turn)."""
     model = build(kv_heads, tied)
-    tokens = torch.randint(3, 49, (3, 11))
-    full, _ = model(tokens)
+    rows = [torch.randint(3, 49, (n,)) for n in lengths]
+    d = model.decoder
+    cache = d.new_cache(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(d.prefill(rows, cache), last_logits(model, rows), atol=1e-5, rtol=0)
+        for _ in range(2):
+            new = torch.randint(3, 49, (3, 1))
+            rows = [torch.cat([r, n]) for r, n in zip(rows, new)]
+            torch.testing.assert_close(d.step(new, cache), last_logits(model, rows), atol=1e-5, rtol=0)
+        new = torch.randint(3, 49, (3, 4))
+        got = d.step(new, cache, every_position=True)  # (B, 4, V)
+        for r, n, g in zip(rows, new, got):
+            full = model(torch.cat([r, n]).unsqueeze(0))[0][0, -4:]
+            torch.testing.assert_close(g, full, atol=1e-5, rtol=0)
+
+
+def test_reordered_cache_rows_continue_their_own_sequences():
+    """Beam search reorders rows, repeats one (beams of a prompt) and drops others (finished)."""
+    model = build()
+    rows = [torch.randint(3, 49, (n,)) for n in (4, 6, 3)]
+    d = model.decoder
+    cache = d.new_cache(3, 12)
+    order = torch.tensor([2, 0, 0, 2, 2])
+    with torch.no_grad():
+        d.prefill(rows, cache)
+        cache.reorder(order)
+        new = torch.randint(3, 49, (5, 1))
+        expected = last_logits(model, [torch.cat([rows[i], n]) for i, n in zip(order.tolist(), new)])
+        torch.testing.assert_close(d.step(new, cache), expected, atol=1e-5, rtol=0)
+        cache.reorder(torch.tensor([4, 1]))
+        more = torch.randint(3, 49, (2, 2))
+        seqs = [torch.cat([rows[order[i]], new[i], m]) for i, m in zip((4, 1), more)]
+        torch.testing.assert_close(d.step(more, cache), last_logits(model, seqs), atol=1e-5, rtol=0)
+
+
+def test_fairseq_incremental_decoding_equals_full_forward():
+    """fairseq's stock generator calls the decoder with every token so far and an incremental state, and reorders
+    it (beams); the cache starts small and grows (past 64 tokens here)."""
+    model = build()
+    tokens = torch.randint(3, 49, (3, 70))
+    order = torch.tensor([2, 0, 0])
     state, steps = {}, []
-    for t in range(tokens.size(1)):
-        out, _ = model.decoder(tokens[:, :t + 1], incremental_state=state)
-        steps.append(out)
+    with torch.no_grad():
+        for t in range(tokens.size(1)):
+            if t == 40:
+                model.decoder.reorder_incremental_state(state, order)
+                tokens = tokens[order]
+                steps = [s[order] for s in steps]
+            out, _ = model.decoder(tokens[:, :t + 1], incremental_state=state)
+            steps.append(out)
+        full, _ = model(tokens)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-
-
-def test_prompt_prefill_runs_one_pass_and_matches():
-    model = build()
-    tokens = torch.randint(3, 49, (2, 9))
-    full, _ = model(tokens)
-    calls = []
-    model.decoder.layers[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[1]))
-    model.decoder.set_pending_prompt(tokens[:, 1:7])  # forced prompt after <s>: positions 1..6
-    state, steps = {}, []
-    for t in range(tokens.size(1)):
-        out, _ = model.decoder(tokens[:, :t + 1], incremental_state=state)
-        steps.append(out)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-    assert calls == [7, 1, 1]  # one pass over <s> + 6 prompt tokens, then one token per step
-
-
-def _generate(model, prompts, generator_cls, pad):
-    bos = model.decoder.dictionary.bos()
-    src = torch.nn.utils.rnn.pad_sequence([torch.tensor([bos] + p) for p in prompts], batch_first=True,
-                                          padding_value=pad)
-    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor([len(p) + 1 for p in prompts])},
-              "id": torch.arange(len(prompts))}
-    gen = generator_cls([model], model.decoder.dictionary, beam_size=1, max_len_b=20)
-    hypos = gen.generate([model], sample, prefix_tokens=src[:, 1:], bos_token=bos)
-    return [h[0]["tokens"].tolist() for h in hypos]
-
-
-def test_batched_prompts_of_different_lengths_equal_one_by_one():
-    model = build()
-    pad = model.decoder.dictionary.pad()
-    prompts = [[43, 5, 6, 7, 8, 9, 10], [43, 11], [43, 12, 13, 14]]
-    batched = _generate(model, prompts, PromptPrefillGenerator, pad)
-    single = [_generate(model, [p], PromptPrefillGenerator, pad)[0] for p in prompts]
-    stepwise = _generate(model, prompts, SequenceGenerator, pad)  # fairseq's one-token-per-step path
-    assert batched == single == stepwise
-    for p, h in zip(prompts, batched):
-        assert h[:len(p)] == p and len(h) > len(p)
-
-
-def test_beam_search_with_prefill_equals_fairseq_stepwise():
-    model = build()
-    dictionary = model.decoder.dictionary
-    src = torch.tensor([[1, 43, 5, 6], [1, 43, 7, 8]])
-    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor([4, 4])}, "id": torch.arange(2)}
-    outs = []
-    for cls in (PromptPrefillGenerator, SequenceGenerator):
-        gen = cls([model], dictionary, beam_size=3, max_len_b=12)
-        outs.append([[h["tokens"].tolist() for h in hs] for hs in gen.generate([model], sample,
-                                                                                 prefix_tokens=src[:, 1:], bos_token=1)])
-    assert outs[0] == outs[1]
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -122,8 +119,7 @@ def test_bad_configs_are_refused():
     with pytest.raises(ModelConfigError, match="multiple of decoder_kv_heads"):
         build(kv_heads=3)
     with pytest.raises(ModelConfigError, match="must divide by"):
-        SpeechGPTLlamaModel.build_model(SpeechGPTLlamaConfig(decoder_embed_dim=30, decoder_attention_heads=4),
-                                        _Task(Vocabulary.units_only(4)))
+        SpeechGPTLlamaModel.from_config(SpeechGPTLlamaConfig(decoder_embed_dim=30, decoder_attention_heads=4), 10)
 
 
 def test_checkpoint_of_another_vocabulary_is_refused():
@@ -136,17 +132,9 @@ def test_checkpoint_of_another_shape_is_refused():
     a = build()
     cfg = SpeechGPTLlamaConfig(decoder_layers=2, decoder_embed_dim=64, decoder_ffn_embed_dim=64,
                                decoder_attention_heads=4)
-    b = SpeechGPTLlamaModel.build_model(cfg, _Task(Vocabulary.units_only(40)))
+    b = SpeechGPTLlamaModel.from_config(cfg, Vocabulary.units_only(40).to_dictionary())
     with pytest.raises(ModelConfigError, match="does not fit the configured model"):
         b.load_state_dict(a.state_dict())
-
-
-def test_prompt_with_a_pad_id_inside_matches_fairseq_stepwise():
-    """LLaMA's pad is <unk>: fairseq does not force a prompt position holding it, so prefill stops there."""
-    model = build()
-    pad = model.decoder.dictionary.pad()
-    prompts = [[43, 5, pad, 7, 8], [43, 9, 10, 11]]
-    assert _generate(model, prompts, PromptPrefillGenerator, pad) == _generate(model, prompts, SequenceGenerator, pad)
 
 
 def test_packed_rows_equal_examples_run_alone():

@@ -94,20 +94,21 @@ def test_generate_batched_equals_one_by_one_and_scores(cli, sft_data, trained, g
 
 def test_python_api_generates_what_fairseq_generate_does(trained, generated):
     from speechgpt_fairseq.data.prompts import split_turn
-    from speechgpt_fairseq.inference import SPEECHGPT_SAMPLING, SpeechGPTModel
+    from speechgpt_fairseq.inference import SpeechGPTGenerator
+    from speechgpt_fairseq.models.generation import SPEECHGPT_SAMPLING
 
     ckpt, _ = trained
     out = generated
     prompts = {int(line.split("\t")[0][2:]): line.split("\t")[1] for line in out.splitlines() if line.startswith("S-")}
     expected = {int(line.split("\t")[0][2:]): line.split("\t")[2] for line in out.splitlines() if line.startswith("D-")}
-    model = SpeechGPTModel.from_checkpoint(ckpt)
+    model = SpeechGPTGenerator.from_checkpoint(ckpt)
     ids = sorted(prompts)[:5]
     # fairseq-generate's limit --max-len-a 1 --max-len-b 60 allows 61 tokens after the prompt, then </s>
     responses = model.generate([prompts[i] for i in ids], max_new_tokens=61)
     for i, response in zip(ids, responses):
         assert response.removesuffix("<eoa>").strip() == expected[i]
-    a = model.generate([prompts[ids[0]]], max_new_tokens=20, sampling=SPEECHGPT_SAMPLING, seed=5)
-    b = model.generate([prompts[ids[0]]], max_new_tokens=20, sampling=SPEECHGPT_SAMPLING, seed=5)
+    a = model.generate([prompts[ids[0]]], max_new_tokens=20, decoding=SPEECHGPT_SAMPLING, seed=5)
+    b = model.generate([prompts[ids[0]]], max_new_tokens=20, decoding=SPEECHGPT_SAMPLING, seed=5)
     assert a == b
     assert split_turn(prompts[ids[0]] + response)[0] == prompts[ids[0]]
 
@@ -138,7 +139,7 @@ def test_round_trip_transcribes_spoken_answers_with_the_models_asr(cli, trained,
     import editdistance
 
     from speechgpt_fairseq.data.prompts import instruction_prompt, strip_answer_end
-    from speechgpt_fairseq.inference import SpeechGPTModel
+    from speechgpt_fairseq.inference import SpeechGPTGenerator
     from speechgpt_fairseq.speech.units import format_unit_string
 
     ckpt, _ = trained
@@ -155,7 +156,7 @@ def test_round_trip_transcribes_spoken_answers_with_the_models_asr(cli, trained,
                              "Write down what is said.", "--out", tmp_path / "rows.jsonl", "--batch-size", "2",
                              "--no-progress").stdout)
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    model = SpeechGPTModel.from_checkpoint(ckpt)
+    model = SpeechGPTGenerator.from_checkpoint(ckpt)
     heard = [strip_answer_end(model.generate([instruction_prompt("Write down what is said.", format_unit_string(u))],
                                              max_new_tokens=64)[0]) for u in units[:2]] + [""]
     assert [r["transcript"] for r in rows] == heard
