@@ -3,7 +3,8 @@
 fairseq's own `fully_sharded` backend is fairscale's FSDP, unreleased since 2022 and broken on CPU. This backend
 applies torch's `fully_shard` to every decoder block and then to the whole model, over the data-parallel
 process group, so each rank keeps 1/world of every parameter, gradient and optimizer state and gathers one
-block at a time. With `common.bf16=true` the shards stay fp32 and each block computes in bf16
+block at a time. With `optimization.update_freq` above 1, gradients are reduce-scattered once per update, not
+per micro-batch (`ShardedModel.no_sync`). With `common.bf16=true` the shards stay fp32 and each block computes in bf16
 (`MixedPrecisionPolicy`), gradients reduced in fp32; fairseq's own bf16 cast and its fp32 master-copy
 optimizer are not used. Checkpoints hold the full state, gathered on rank 0 (not one file per shard): the
 model is stored as in any fairseq checkpoint (generation, export-hf and fine-tuning read it under any backend),
@@ -91,6 +92,17 @@ class ShardedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """fairseq's trainer runs every micro-batch of an update but the last inside this: their gradients stay
+        unsharded on each rank and add up, and the last backward reduce-scatters the sum, once per update. The
+        cost is one full-size fp32 gradient per rank between micro-batches."""
+        self.module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
 
     def state_dict(self, *args, **kwargs) -> dict:
         return get_model_state_dict(self.module, options=FULL)

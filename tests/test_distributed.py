@@ -26,9 +26,9 @@ TWO_PROCESSES = ["distributed_training.distributed_world_size=2", "distributed_t
                  "dataset.max_valid_steps=1"]
 
 
-def train(cli, cwd: Path, *overrides: str, processes: int = 1) -> str:
-    """fairseq-hydra-train, as one process or under torchrun; the log."""
-    trainer = str(Path(sys.executable).parent / "fairseq-hydra-train")
+def train(cli, cwd: Path, *overrides: str, processes: int = 1, trainer: Path | None = None) -> str:
+    """fairseq-hydra-train (or a script that runs it), as one process or under torchrun; the log."""
+    trainer = str(trainer or Path(sys.executable).parent / "fairseq-hydra-train")
     launch = [] if processes == 1 else ["torchrun", "--standalone", f"--nproc_per_node={processes}"]
     cmd = [*launch, trainer, "--config-dir", STAGE1, "--config-name", "tiny", *RUN, *overrides]
     run = cli(*cmd, cwd=cwd)
@@ -113,10 +113,29 @@ def test_fsdp2_resumes_under_sharding(cli, reference, sharded):
     assert_same_weights(cwd / "checkpoints" / "stage1-tiny" / "checkpoint_last.pt", ref_dir / "checkpoint_last.pt")
 
 
+def test_fsdp2_reduces_gradients_once_per_update_whatever_update_freq(cli, tmp_path):
+    """With update_freq 2, the micro-batch before an update's last keeps its gradients on each rank: one
+    reduce-scatter per sharded unit (2 blocks and the root) per update, and the weights of one process
+    accumulating the same 4 batches per update."""
+    accumulated = ["optimization.max_update=4", "lr_scheduler.total_num_update=4", "dataset.validate_interval_updates=4",
+                   "checkpoint.save_interval_updates=4"]
+    for run in ("one", "two"):
+        (tmp_path / run).mkdir()
+    train(cli, tmp_path / "one", *accumulated, *ONE_PROCESS, "optimization.update_freq=[4]")
+    counter = Path(__file__).with_name("count_reduce_scatters.py")
+    log = train(cli, tmp_path / "two", *accumulated, *SHARDED, "optimization.update_freq=[2]", processes=2,
+                trainer=counter)
+    counts = re.findall(r"rank (\d) reduce-scatters per update: \[([\d, ]*)\]", log)
+    assert sorted(rank for rank, _ in counts) == ["0", "1"]
+    assert all([int(n) for n in per_update.split(",")] == [3] * 4 for _, per_update in counts), counts
+    assert_same_weights(*(tmp_path / run / "checkpoints" / "stage1-tiny" / "checkpoint_last.pt" for run in ("two", "one")))
+
+
 def test_fsdp2_needs_two_processes_and_bf16_not_fp16():
     from fairseq.dataclass.configs import FairseqConfig
     from fairseq.trainer import Trainer
 
+    fsdp.install()  # what speechgpt_fairseq.register() does; no other test of this module runs in-process first
     cfg = OmegaConf.structured(FairseqConfig())
     cfg.distributed_training.ddp_backend = "fsdp2"  # accepted by fairseq's typed config
     with pytest.raises(fsdp.FSDP2Error, match="shards across processes: launch two or more"):
