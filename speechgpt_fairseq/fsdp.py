@@ -4,8 +4,8 @@ fairseq's own `fully_sharded` backend is fairscale's FSDP, unreleased since 2022
 applies torch's `fully_shard` to every decoder block and then to the whole model, over the data-parallel
 process group, so each rank keeps 1/world of every parameter, gradient and optimizer state and gathers one
 block at a time. With `optimization.update_freq` above 1, gradients are reduce-scattered once per update, not
-per micro-batch (`ShardedModel.no_sync`). With `common.bf16=true` the shards stay fp32 and each block computes in bf16
-(`MixedPrecisionPolicy`), gradients reduced in fp32; fairseq's own bf16 cast and its fp32 master-copy
+per micro-batch (`ShardedModel.no_sync`). With `common.bf16=true` the shards stay fp32 and each block computes
+in bf16 (`MixedPrecisionPolicy`), gradients reduced in fp32; fairseq's own bf16 cast and its fp32 master-copy
 optimizer are not used. Checkpoints hold the full state, gathered on rank 0 (not one file per shard): the
 model is stored as in any fairseq checkpoint (generation, export-hf and fine-tuning read it under any backend),
 the optimizer state keyed by parameter name, so a run resumes with its optimizer under this backend, at any

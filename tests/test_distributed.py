@@ -117,8 +117,8 @@ def test_fsdp2_reduces_gradients_once_per_update_whatever_update_freq(cli, tmp_p
     """With update_freq 2, the micro-batch before an update's last keeps its gradients on each rank: one
     reduce-scatter per sharded unit (2 blocks and the root) per update, and the weights of one process
     accumulating the same 4 batches per update."""
-    accumulated = ["optimization.max_update=4", "lr_scheduler.total_num_update=4", "dataset.validate_interval_updates=4",
-                   "checkpoint.save_interval_updates=4"]
+    accumulated = ["optimization.max_update=4", "lr_scheduler.total_num_update=4",
+                   "dataset.validate_interval_updates=4", "checkpoint.save_interval_updates=4"]
     for run in ("one", "two"):
         (tmp_path / run).mkdir()
     train(cli, tmp_path / "one", *accumulated, *ONE_PROCESS, "optimization.update_freq=[4]")
@@ -128,7 +128,8 @@ def test_fsdp2_reduces_gradients_once_per_update_whatever_update_freq(cli, tmp_p
     counts = re.findall(r"rank (\d) reduce-scatters per update: \[([\d, ]*)\]", log)
     assert sorted(rank for rank, _ in counts) == ["0", "1"]
     assert all([int(n) for n in per_update.split(",")] == [3] * 4 for _, per_update in counts), counts
-    assert_same_weights(*(tmp_path / run / "checkpoints" / "stage1-tiny" / "checkpoint_last.pt" for run in ("two", "one")))
+    two, one = (tmp_path / run / "checkpoints" / "stage1-tiny" / "checkpoint_last.pt" for run in ("two", "one"))
+    assert_same_weights(two, one)
 
 
 def test_fsdp2_needs_two_processes_and_bf16_not_fp16():
