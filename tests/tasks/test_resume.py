@@ -27,6 +27,7 @@ TASKS = {
                                                           tokens_per_sample=64, seed=1)), "valid"),
     "stage2 bucketed": (lambda: sft_task(), "valid"),
     "stage2 bucketed, mix": (lambda: sft_task(mix="train:0.05,valid:0.3"), "train"),
+    "stage2 bucketed, one source resampled": (lambda: sft_task(mix="train:0.05"), "train"),
     "stage2 packed, mix": (lambda: sft_task(mix="train:0.05,valid:0.3", pack=True, tokens_per_sample=512), "train"),
 }
 
