@@ -145,7 +145,7 @@ def main() -> None:
           f"{computed / len(batches):.0f} padded tokens/batch, {real:,} real of {computed:,} computed tokens")
     print(f"real-token fraction: {ours:.4f}")
 
-    packed = PackedInstructionDataset(examples, args.tokens_per_sample, PAD, seed=args.seed + 1)
+    packed = PackedInstructionDataset(examples, args.tokens_per_sample, PAD, seed=args.seed)
     packed_batches = fairseq_batches(packed, args.max_tokens, args.tokens_per_sample, args.seed)
     ours_packed, real, computed = fraction_ours(packed, packed_batches)
     print(f"ours (packed): {len(packed)} rows ({len(sizes) / len(packed):.2f} examples/row) in "

@@ -69,16 +69,26 @@ def collate_instructions(samples: list[dict], pad: int) -> dict:
 
 class PackedInstructionDataset(SizedDataset):
     """Examples packed into rows of at most `row_tokens` tokens (best-fit decreasing); attention and positions
-    stay inside each example (the model's `example_ids`)."""
+    stay inside each example (the model's `example_ids`). Each epoch is packed anew, from (seed, epoch) alone,
+    after the examples (a resampled mix) have moved to that epoch."""
 
-    def __init__(self, examples: FairseqDataset, row_tokens: int, pad: int, seed: int = 1):
-        self.examples, self.pad = examples, pad
-        too_long = int((examples.sizes > row_tokens).sum())
+    def __init__(self, examples: FairseqDataset, row_tokens: int, pad: int, seed: int = 1, epoch: int = 1):
+        self.examples, self.row_tokens, self.pad, self.seed = examples, row_tokens, pad, seed
+        self.epoch = None
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int):
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        self.examples.set_epoch(epoch)
+        sizes = self.examples.sizes
+        too_long = int((sizes > self.row_tokens).sum())
         if too_long:
-            raise ValueError(f"{too_long} examples are longer than a packed row of {row_tokens} tokens: raise "
+            raise ValueError(f"{too_long} examples are longer than a packed row of {self.row_tokens} tokens: raise "
                              f"task.tokens_per_sample or drop them when building the data")
-        self.rows = best_fit_decreasing(examples.sizes, row_tokens, seed)
-        self.sizes = np.array([int(examples.sizes[r].sum()) for r in self.rows], dtype=np.int64)
+        self.rows = best_fit_decreasing(sizes, self.row_tokens, seed=[self.seed, epoch])
+        self.sizes = np.array([int(sizes[r].sum()) for r in self.rows], dtype=np.int64)
 
     def __getitem__(self, index):
         parts = [self.examples[i] for i in self.rows[index]]
@@ -96,7 +106,7 @@ class PackedInstructionDataset(SizedDataset):
         return collate_instructions(samples, self.pad)
 
 
-def best_fit_decreasing(sizes: np.ndarray, capacity: int, seed: int) -> list[np.ndarray]:
+def best_fit_decreasing(sizes: np.ndarray, capacity: int, seed: int | list[int]) -> list[np.ndarray]:
     """Group example indices into rows of total size <= capacity: longest first, each into the row whose free
     room fits it most tightly (ties in random order, seeded). O(n log capacity)."""
     import bisect

@@ -22,9 +22,13 @@ def collate_next_token(samples: list[dict], pad: int) -> dict:
 
 
 class SizedDataset(FairseqDataset):
-    """fairseq's size queries answered from `self.sizes` (tokens per sample)."""
+    """fairseq's size queries answered from `self.sizes` (tokens per sample); batches drawn anew every epoch."""
 
     sizes: np.ndarray
+    # Reused, fairseq keeps the first epoch's batches for the whole run and only shuffles their order, while a run
+    # resumed in epoch e builds them from epoch e's order: the two would train on different batches. Rebuilt, the
+    # batches of epoch e come from (seed, epoch) alone, in an uninterrupted run as in a resumed one.
+    can_reuse_epoch_itr_across_epochs = False
 
     def num_tokens(self, index):
         return int(self.sizes[index])

@@ -52,7 +52,7 @@ class InstructionTask(SpeechGPTTask):
             dataset = self._examples(split)
         if self.cfg.pack and split == "train":
             dataset = PackedInstructionDataset(dataset, self.cfg.tokens_per_sample, self.dictionary.pad(),
-                                               seed=self.cfg.seed + epoch)
+                                               seed=self.cfg.seed, epoch=epoch)
         logger.info(f"{split}: {len(dataset)} samples, {int(dataset.sizes.sum())} tokens")
         self.datasets[split] = dataset
 
@@ -79,7 +79,7 @@ class InstructionTask(SpeechGPTTask):
             parts.append(ds if weight == 1.0 else ResamplingDataset(ds, size_ratio=weight, replace=weight > 1,
                                                                     seed=self.cfg.seed, epoch=epoch))
             logger.info(f"mix: {name} x{weight} -> {round(len(ds) * weight)} examples per epoch")
-        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+        return ConcatDataset(parts)  # even for one source: fairseq's ResamplingDataset alone cannot be batched
 
     # ---- generation ---------------------------------------------------------------------------
     def build_bpe(self, args):
