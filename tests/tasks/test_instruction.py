@@ -140,11 +140,20 @@ def test_generate_batched_equals_one_by_one_and_scores(cli, sft_data, trained, g
     batched = generated
     single = generate(cli, sft_data, ckpt, tmp_path, 1)
 
-    def hyps(out):  # ids and texts; scores differ in the last float digits between batch shapes
+    def hyps(out):  # ids and texts
         return sorted((line.split("\t")[0], line.split("\t")[-1]) for line in out.splitlines()
                       if line.startswith(("H-", "T-", "S-")))
 
+    def scores(out):  # id -> the hypothesis' score, then its positional scores (P- lines)
+        rows = [line.split("\t") for line in out.splitlines() if line.startswith(("H-", "P-"))]
+        return {f[0][2:]: [float(f[1])] for f in rows if f[0][0] == "H"} | \
+            {f[0][2:] + "P": [float(x) for x in f[1].split()] for f in rows if f[0][0] == "P"}
+
     assert hyps(batched) == hyps(single) and len([h for h, _ in hyps(batched) if h.startswith("H-")]) == 50
+    one_by_one, in_batches = scores(single), scores(batched)
+    assert one_by_one.keys() == in_batches.keys() and len(one_by_one) == 100
+    for key, values in one_by_one.items():  # equal up to float rounding between batch shapes
+        assert in_batches[key] == pytest.approx(values, abs=2e-4), key
     assert re.search(r"WER: [0-9.]+", batched)  # fairseq's own scorer reads the D-/T- lines
     prompts = [line.split("\t")[1] for line in batched.splitlines() if line.startswith("S-")]
     assert all(p.endswith("[SpeechGPT]:") for p in prompts)  # the prompt, cut at the assistant turn
