@@ -146,12 +146,13 @@ def make_hf_llama():
     return write_hf_llama
 
 
-def write_tiny_vocoder(out: Path, num_units: int = 100, num_speakers: int | None = 4, frames_per_unit: int = 2,
-                       seed: int = 0) -> tuple[Path, Path]:
+def write_tiny_vocoder(out: Path, num_units: int = 100, num_speakers: int | None = 4,
+                       frames_per_unit: int | None = 2, seed: int = 0) -> tuple[Path, Path]:
     """A tiny random unit HiFi-GAN saved as fairseq's released unit vocoders are: (checkpoint, config.json).
 
     The real generator layout (5 upsamplings, 320 samples per unit at 16 kHz) with few channels; a duration
-    predictor that gives every unit `frames_per_unit` frames; `num_speakers` speaker ids (None: one speaker).
+    predictor that gives every unit `frames_per_unit` frames, or (None) fairseq's random one, whose durations
+    differ from unit to unit (1 to 6 frames here); `num_speakers` speaker ids (None: one speaker).
     """
     from fairseq.models.text_to_speech.codehifigan import CodeGenerator
 
@@ -169,8 +170,10 @@ def write_tiny_vocoder(out: Path, num_units: int = 100, num_speakers: int | None
     torch.manual_seed(seed)
     generator = CodeGenerator(cfg)
     with torch.no_grad():  # log-duration predictor: exp(log(1 + n)) - 1 = n frames for every unit
-        generator.dur_predictor.proj.weight.zero_()
-        generator.dur_predictor.proj.bias.fill_(float(torch.log(torch.tensor(1.0 + frames_per_unit))))
+        if frames_per_unit is not None:
+            generator.dur_predictor.proj.weight.zero_()
+        # random weights keep their init; the bias centres them near 2 frames (at its init most units get 1)
+        generator.dur_predictor.proj.bias.fill_(float(torch.log(torch.tensor(1.0 + (frames_per_unit or 2)))))
     checkpoint, config = out / "vocoder.pt", out / "config.json"
     torch.save({"generator": generator.state_dict()}, checkpoint)
     config.write_text(json.dumps(cfg, indent=2))

@@ -32,12 +32,21 @@ def test_segments_split_system_prompt_and_response(vocab):
     assert vocab.decode(ids[prompt_end:]) == " a cup<eoa>"
 
 
-def test_response_is_encoded_as_the_model_will_see_it(vocab):
-    """Prompt ids followed by response ids: what generation from the prompt has to produce."""
-    ex = Example("", cross_modal("Say it.", "the quick fox", "<sosp><3><4><eosp>"))
+@pytest.mark.parametrize("input,output", [("the quick fox", "<sosp><3><4><eosp>"), ("<sosp><3><4><eosp>", "a red cup")],
+                         ids=["speech-response", "text-response"])
+def test_response_is_encoded_as_the_model_will_see_it(vocab, input, output):
+    """The record is the tokenizer's ids of the whole exchange, then </s>: the prompt's ids (what the model is
+    prompted with) followed by the response's (what it has to generate), the response and </s> labelled RESPONSE."""
+    ex = Example("", cross_modal("Say it.", input, output))
     ids, segs = encode_example(ex, vocab)
-    prompt = [i for i, s in zip(ids, segs) if s == PROMPT]
-    assert prompt == vocab.encode_prompt(ex.plain_text[:ex.plain_text.index("[SpeechGPT]:") + len("[SpeechGPT]:")])
+    prompt, response = ex.plain_text.split("[SpeechGPT]:")
+    assert ids == vocab.encode_prompt(ex.plain_text) + [vocab.eos]
+    n = segs.index(RESPONSE)
+    assert ids[:n] == vocab.encode_prompt(prompt + "[SpeechGPT]:") and set(segs[:n]) == {PROMPT}
+    assert vocab.decode(ids[n:-1]) == response == f" {output}<eoa>" and set(segs[n:]) == {RESPONSE}
+    if output.startswith("<sosp>"):  # the spoken answer as its unit tokens
+        units = [vocab.index[t] for t in ("<sosp>", "<3>", "<4>", "<eosp>")]
+        assert any(ids[i:i + 4] == units for i in range(n, len(ids)))
 
 
 def test_binarized_examples_read_back(vocab, tmp_path):

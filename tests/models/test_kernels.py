@@ -1,8 +1,14 @@
 """Fused-kernel choice: apex's FusedRMSNorm and FusedAdam when apex imports, torch's kernels otherwise; the log
 names the choice, and every path computes what the plain one does.
 
-apex cannot be installed here (it is not on PyPI; the PyPI `apex` is another project), so the apex path is
-driven by a stand-in `apex` package put into sys.modules: it proves the selection and the log, not apex."""
+NVIDIA apex cannot be installed here (it is not on PyPI; the PyPI `apex` is another project), so the apex tests
+run against stand-ins written from apex's documented API, not against apex: FusedRMSNorm(normalized_shape,
+eps=1e-5, elementwise_affine=True, memory_efficient=False) and FusedAdam(params, lr, bias_correction, betas, eps,
+adam_w_mode=True, weight_decay, amsgrad=False, ...), each computing what apex documents (RMS normalization over
+the last dims; Adam, with decoupled weight decay when adam_w_mode). They prove that we call apex as its docs say
+(argument names, eps, the AdamW mode, every hyperparameter) and that the choice is logged; apex's CUDA kernels
+themselves are not run. The fused paths that do exist here, torch's fused AdamW and F.rms_norm, are checked
+against the plain computations."""
 import logging
 import sys
 import types
@@ -27,23 +33,52 @@ def build():
 
 
 class FakeFusedRMSNorm(nn.Module):
-    """apex.normalization.FusedRMSNorm's interface: (normalized_shape, eps), a `weight` parameter."""
+    """apex.normalization.FusedRMSNorm's signature and parameters: `weight` of shape `normalized_shape` (None
+    without `elementwise_affine`), RMS over the trailing `normalized_shape` dims in fp32, in the input's dtype."""
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True):
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, memory_efficient=False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(normalized_shape))
+        self.normalized_shape = torch.Size((normalized_shape,) if isinstance(normalized_shape, int)
+                                           else normalized_shape)
+        self.eps, self.elementwise_affine = eps, elementwise_affine
+        self.weight = nn.Parameter(torch.ones(self.normalized_shape)) if elementwise_affine else None
 
     def forward(self, x):
-        return self.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        y = (x.float() * torch.rsqrt(x.float().pow(2).mean(dims, keepdim=True) + self.eps)).to(x.dtype)
+        return y if self.weight is None else self.weight * y
 
 
-class FakeFusedAdam(torch.optim.AdamW):
-    """apex.optimizers.FusedAdam's interface; `adam_w_mode=True` is its AdamW."""
+class FakeFusedAdam(torch.optim.Optimizer):
+    """apex.optimizers.FusedAdam's signature and update: Adam with bias correction; `adam_w_mode` (apex's
+    default) decays weights decoupled from the gradient (AdamW), otherwise as an L2 term added to it."""
 
-    def __init__(self, params, adam_w_mode=False, **kwargs):
-        assert adam_w_mode, "SpeechGPT's AdamW needs apex's decoupled weight decay"
-        super().__init__(params, **kwargs)
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, adam_w_mode=True,
+                 weight_decay=0.0, amsgrad=False, set_grad_none=True, capturable=False, master_weights=False):
+        if amsgrad:
+            raise RuntimeError("FusedAdam does not support the AMSGrad variant.")
+        super().__init__(params, dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
+                                      weight_decay=weight_decay))
+        self.adam_w_mode = adam_w_mode
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["step"] += 1
+                g = p.grad if self.adam_w_mode else p.grad + wd * p
+                state["m"].mul_(b1).add_(g, alpha=1 - b1)
+                state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                m, v = state["m"], state["v"]
+                if group["bias_correction"]:
+                    m, v = m / (1 - b1 ** state["step"]), v / (1 - b2 ** state["step"])
+                if self.adam_w_mode:
+                    p.mul_(1 - lr * wd)
+                p.sub_(lr * m / (v.sqrt() + group["eps"]))
 
 
 @pytest.fixture
@@ -88,8 +123,9 @@ def test_without_apex_torch_kernels_run_and_say_so(without_apex, log):
 def test_with_apex_its_kernels_run_say_so_and_compute_the_same(with_apex, log):
     model = build()
     assert len(norms(model)) == 5 and all(type(m) is FakeFusedRMSNorm for m in norms(model))
+    assert all((m.normalized_shape, m.eps, m.elementwise_affine) == ((32,), 1e-6, True) for m in norms(model))
     optimizer = kernels.adamw(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    assert type(optimizer) is FakeFusedAdam
+    assert type(optimizer) is FakeFusedAdam and optimizer.adam_w_mode
     assert log() == ["kernels: RMSNorm on apex FusedRMSNorm", "kernels: AdamW on apex FusedAdam"]
 
     sys.modules["apex.normalization"] = None  # the same weights without apex: the same logits
@@ -97,6 +133,15 @@ def test_with_apex_its_kernels_run_say_so_and_compute_the_same(with_apex, log):
     assert plain.state_dict().keys() == model.state_dict().keys()  # apex's norm keeps the `weight` name
     tokens = torch.randint(3, 49, (2, 7))
     torch.testing.assert_close(model(tokens)[0], plain(tokens)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_apex_fused_adam_makes_the_plain_adamw_updates(with_apex):
+    """Every hyperparameter reaches FusedAdam, in its AdamW mode: the updates of torch's plain AdamW."""
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    fused = _adamw_run(lambda p: kernels.adamw(p, **hyper))
+    plain = _adamw_run(lambda p: torch.optim.AdamW(p, foreach=False, fused=False, **hyper))
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b)
 
 
 def test_apex_without_its_cuda_extension_falls_back(with_apex, log, monkeypatch):

@@ -26,15 +26,34 @@ def single_speaker(make_tiny_vocoder, tmp_path_factory):
     return make_tiny_vocoder(tmp_path_factory.mktemp("voc1"), num_units=50, num_speakers=None)
 
 
-@pytest.mark.parametrize("dur_prediction", [False, True])
-def test_same_waveform_as_fairseqs_own_vocoder(tiny_vocoder, vocoder, dur_prediction):
+@pytest.fixture(scope="module")
+def random_durations(make_tiny_vocoder, tmp_path_factory):
+    """A vocoder whose duration predictor is fairseq's own with random weights: durations differ per unit."""
+    return make_tiny_vocoder(tmp_path_factory.mktemp("voc-durations"), frames_per_unit=None)
+
+
+def test_same_waveform_as_fairseqs_own_vocoder(random_durations):
+    """Raw units (with repeats) through our path: with duration prediction, fairseq's CodeHiFiGANVocoder's waveform
+    for the units with repeats merged (its predictor was trained on merged units); without, its waveform for the
+    raw units, one frame each."""
     from fairseq.models.text_to_speech.vocoder import CodeHiFiGANVocoder
 
-    checkpoint, config = tiny_vocoder
+    checkpoint, config = random_durations
     theirs = CodeHiFiGANVocoder(str(checkpoint), json.loads(config.read_text()))  # as generate_waveform_from_code.py
-    x = {"code": torch.LongTensor(UNITS).view(1, -1), "spkr": torch.LongTensor([2]).view(1, 1)}
-    expected = theirs(x, dur_prediction).numpy()
-    np.testing.assert_array_equal(vocoder(UNITS, speaker=2, dur_prediction=dur_prediction), expected)
+    ours = UnitVocoder.from_files(checkpoint, config)
+    raw = [3, 3, 1, 4, 4, 4, 15, 9, 9, 26, 5, 35, 35]
+    merged = [3, 1, 4, 15, 9, 26, 5, 35]
+
+    def fairseq(units, dur_prediction):
+        x = {"code": torch.LongTensor(units).view(1, -1), "spkr": torch.LongTensor([2]).view(1, 1)}
+        return theirs(x, dur_prediction).numpy()
+
+    expected = fairseq(merged, True)
+    with torch.no_grad():  # the frames fairseq's predictor gives each merged unit: not one length for all
+        frames = theirs.model.dur_predictor(theirs.model.dict(torch.LongTensor([merged]))).exp().sub(1).round()
+    assert len(set(frames.clamp(min=1).view(-1).tolist())) > 1 and len(expected) == frames.clamp(min=1).sum() * HOP
+    np.testing.assert_array_equal(ours(raw, speaker=2), expected)
+    np.testing.assert_array_equal(ours(raw, speaker=2, dur_prediction=False), fairseq(raw, False))
 
 
 def test_config_facts(vocoder):

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,21 +41,84 @@ def test_training_logs_text_and_unit_metrics(trained):
         assert re.search(rf"\b{metric} [0-9.]+", line), metric
 
 
-def test_loss_policy_sets_what_is_counted(cli, sft_data, tmp_path):
-    wpb = {}
-    for policy in ("response", "prefix", "all"):
+@pytest.fixture(scope="module")
+def system_prefixed_data(sft_data, tmp_path_factory):
+    """A small stage-2 data directory (the shipped vocabulary) whose examples all have a system prefix, so that
+    each loss policy counts a different number of tokens."""
+    from speechgpt_fairseq.data.instructions import prepare_instructions
+    from speechgpt_fairseq.data.prompts import cross_modal
+    from speechgpt_fairseq.data.vocabulary import Vocabulary
+
+    root = tmp_path_factory.mktemp("prefixed")
+    for split, n in (("train", 24), ("valid", 12)):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                units = "".join(f"<{(i * 7 + k) % 100}>" for k in range(3 + i % 5))
+                f.write(json.dumps({"prefix": "You are a helpful assistant.\n",
+                                    "plain_text": cross_modal("Transcribe it.", f"<sosp>{units}<eosp>",
+                                                              f"the red cup {i}")}) + "\n")
+    out = root / "data-bin"
+    prepare_instructions({s: root / f"{s}.jsonl" for s in ("train", "valid")}, out, Vocabulary.load(sft_data),
+                         show_progress=False)
+    return out
+
+
+def test_loss_policy_sets_what_is_counted(cli, system_prefixed_data, tmp_path):
+    """Validation counts, under each task.loss_policy, exactly the targets in the segments it names (the valid
+    split is one batch, so wpb is their number): the response; the prompt and the response; every token."""
+    from fairseq.data import MMapIndexedDataset
+
+    from speechgpt_fairseq.data.instructions import PROMPT, RESPONSE, SYSTEM
+
+    segments = MMapIndexedDataset(str(system_prefixed_data / "valid.seg"))
+    expected = {policy: sum(int(sum(seg[1:] == s for s in counted).sum()) for seg in segments)
+                for policy, counted in (("response", [RESPONSE]), ("prefix", [PROMPT, RESPONSE]),
+                                        ("all", [SYSTEM, PROMPT, RESPONSE]))}
+    assert expected["response"] < expected["prefix"] < expected["all"]
+    for policy in expected:
         (tmp_path / policy).mkdir()
-        run = train(cli, tmp_path / policy, sft_data, f"task.loss_policy={policy}", "optimization.max_update=1",
-                    "dataset.validate_interval_updates=1", "checkpoint.no_save=true")
-        wpb[policy] = float(re.search(r"\| wpb ([0-9.]+)", valid_line(run.stdout + run.stderr)).group(1))
-    assert wpb["response"] < wpb["prefix"] <= wpb["all"]
+        run = train(cli, tmp_path / policy, system_prefixed_data, f"task.loss_policy={policy}",
+                    "optimization.max_update=1", "dataset.validate_interval_updates=1", "checkpoint.no_save=true")
+        line = valid_line(run.stdout + run.stderr)
+        assert re.search(r"\| bsz 12\b", line), line
+        assert float(re.search(r"\| wpb ([0-9.]+)", line).group(1)) == expected[policy], policy
+
+
+MIX = "train:1.0,valid:2.0"
 
 
 def test_mix_and_pack_train(cli, sft_data, tmp_path):
-    run = train(cli, tmp_path, sft_data, "task.mix='train:1.0,valid:2.0'", "task.pack=true",
+    """task.mix and task.pack as fairseq-hydra-train loads them: every train example once and twice as many valid
+    examples as there are, packed into rows no longer than tokens_per_sample; training runs on those rows."""
+    from omegaconf import OmegaConf
+
+    from speechgpt_fairseq.tasks.instruction import CrossModalSFTConfig, CrossModalSFTTask
+
+    def task(mix="", pack=False):
+        return CrossModalSFTTask.setup_task(OmegaConf.structured(CrossModalSFTConfig(
+            data=str(sft_data), tokens_per_sample=512, mix=mix, pack=pack, seed=3)))
+
+    plain = task()
+    for split in ("train", "valid"):
+        plain.load_dataset(split)
+    train_set, valid_set = plain.datasets["train"], plain.datasets["valid"]
+    mixed = task(MIX, pack=True)
+    mixed.load_dataset("train")
+    rows = mixed.datasets["train"]
+    examples = rows.examples  # what the rows pack: train, then the valid examples drawn twice over
+    assert len(examples) == len(train_set) + 2 * len(valid_set)
+    assert sorted(int(i) for row in rows.rows for i in row) == list(range(len(examples)))
+    assert rows.sizes.max() <= 512 and rows.sizes.sum() == examples.sizes.sum()
+    for i in range(len(train_set)):
+        assert torch.equal(examples[i]["reference"], train_set[i]["reference"])
+    for i in range(len(train_set), len(examples)):
+        drawn = examples[i]
+        assert torch.equal(drawn["reference"], valid_set[drawn["id"]]["reference"])
+
+    run = train(cli, tmp_path, sft_data, f"task.mix='{MIX}'", "task.pack=true",
                 "optimization.max_update=3", "dataset.validate_interval_updates=3", "checkpoint.no_save=true")
     log = run.stdout + run.stderr
-    assert "mix: valid x2.0 -> 400 examples per epoch" in log and "train: " in log
+    assert f"train: {len(rows)} samples, {int(rows.sizes.sum())} tokens" in log  # the rows checked above
     assert valid_line(log)
 
 
@@ -76,11 +140,20 @@ def test_generate_batched_equals_one_by_one_and_scores(cli, sft_data, trained, g
     batched = generated
     single = generate(cli, sft_data, ckpt, tmp_path, 1)
 
-    def hyps(out):  # ids and texts; scores differ in the last float digits between batch shapes
+    def hyps(out):  # ids and texts
         return sorted((line.split("\t")[0], line.split("\t")[-1]) for line in out.splitlines()
                       if line.startswith(("H-", "T-", "S-")))
 
+    def scores(out):  # id -> the hypothesis' score, then its positional scores (P- lines)
+        rows = [line.split("\t") for line in out.splitlines() if line.startswith(("H-", "P-"))]
+        return {f[0][2:]: [float(f[1])] for f in rows if f[0][0] == "H"} | \
+            {f[0][2:] + "P": [float(x) for x in f[1].split()] for f in rows if f[0][0] == "P"}
+
     assert hyps(batched) == hyps(single) and len([h for h, _ in hyps(batched) if h.startswith("H-")]) == 50
+    one_by_one, in_batches = scores(single), scores(batched)
+    assert one_by_one.keys() == in_batches.keys() and len(one_by_one) == 100
+    for key, values in one_by_one.items():  # equal up to float rounding between batch shapes
+        assert in_batches[key] == pytest.approx(values, abs=2e-4), key
     assert re.search(r"WER: [0-9.]+", batched)  # fairseq's own scorer reads the D-/T- lines
     prompts = [line.split("\t")[1] for line in batched.splitlines() if line.startswith("S-")]
     assert all(p.endswith("[SpeechGPT]:") for p in prompts)  # the prompt, cut at the assistant turn
@@ -93,7 +166,6 @@ def test_generate_batched_equals_one_by_one_and_scores(cli, sft_data, trained, g
 
 
 def test_python_api_generates_what_fairseq_generate_does(trained, generated):
-    from speechgpt_fairseq.data.prompts import split_turn
     from speechgpt_fairseq.inference import SpeechGPTGenerator
     from speechgpt_fairseq.models.generation import SPEECHGPT_SAMPLING
 
@@ -107,10 +179,11 @@ def test_python_api_generates_what_fairseq_generate_does(trained, generated):
     responses = model.generate([prompts[i] for i in ids], max_new_tokens=61)
     for i, response in zip(ids, responses):
         assert response.removesuffix("<eoa>").strip() == expected[i]
+    # a seeded sample: the same again, and the same when the prompt is batched after another one
     a = model.generate([prompts[ids[0]]], max_new_tokens=20, decoding=SPEECHGPT_SAMPLING, seed=5)
-    b = model.generate([prompts[ids[0]]], max_new_tokens=20, decoding=SPEECHGPT_SAMPLING, seed=5)
-    assert a == b
-    assert split_turn(prompts[ids[0]] + response)[0] == prompts[ids[0]]
+    b = model.generate([prompts[ids[1]], prompts[ids[0]]], max_new_tokens=20, decoding=SPEECHGPT_SAMPLING, seed=5)
+    assert a == model.generate([prompts[ids[0]]], max_new_tokens=20, decoding=SPEECHGPT_SAMPLING, seed=5)
+    assert b[1] == a[0]
 
 
 def test_stage3_lora_on_the_stage2_checkpoint(cli, trained, tmp_path):
