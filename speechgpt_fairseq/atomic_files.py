@@ -1,27 +1,73 @@
 """Outputs written whole or not at all: everything goes under a temporary name beside its destination and is
-renamed into place only when complete, so a failure or a kill never leaves a half-written file behind."""
+renamed into place only when complete, so a failure or a kill never leaves a half-written file behind.
+
+Temporary names carry the host and process that made them (`.NAME.HOST-PID.tmp`, `.NAME.incomplete-HOST-PID-*`);
+the next successful write of NAME removes those whose process is gone, and never one of another host or of a
+process still running (two runs at once keep their own).
+"""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 
 class OutputExistsError(ValueError):
     """An output that would replace existing work without being asked to."""
 
 
+class OutputPathError(ValueError):
+    """An output path that cannot be written: under a regular file, or in a directory we may not write."""
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def _tag() -> str:
+    return f"{_HOST}-{os.getpid()}"
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
+
+
+def remove_stray_scratch(path: Path) -> list[Path]:
+    """Remove what a killed earlier write of `path` left beside it (our temporary names of this host whose process
+    is gone); returns what was removed."""
+    name = re.escape(path.name)
+    ours = re.compile(rf"\.{name}\.(?:{_HOST}-(\d+)\.tmp|(?:incomplete|replaced)-{_HOST}-(\d+)-\w+)")
+    removed = []
+    for entry in path.parent.iterdir() if path.parent.is_dir() else ():
+        match = ours.fullmatch(entry.name)
+        if match and _process_gone(int(match.group(1) or match.group(2))):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+    return removed
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; it becomes `path` when the block succeeds."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    check_writable(path)
+    tmp = path.with_name(f".{path.name}.{_tag()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
+        remove_stray_scratch(path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -34,10 +80,27 @@ def _scratch_dir(parent: Path, prefix: str) -> Path:
     return scratch
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> None:
+def check_writable(out: str | os.PathLike) -> None:
+    """Refuse, before any work, an output that cannot be created: one under a regular file, or whose nearest
+    existing directory cannot be written in (tried, not guessed from permission bits: root ignores them)."""
+    out = Path(out).absolute()
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"{out}: cannot be created, {ancestor} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=f".{out.name}.incomplete-{_tag()}-"))
+    except OSError as e:
+        raise OutputPathError(f"{out}: cannot be written, {ancestor}: {e.strerror}") from None
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
+                     ours: Callable[[str], bool] | None = None) -> None:
     """Refuse, before any work, an output directory whose replacement would lose something: a non-empty one
-    without `overwrite`; with or without it, one that is, holds or lies inside an input, or that is the working
-    directory or one above it."""
+    without `overwrite`; with or without it, one that is, holds or lies inside an input, that is the working
+    directory or one above it, or (when `ours` says which file names the writer makes) that holds anything else.
+    Also refuse one that cannot be written (`check_writable`)."""
     out = Path(out)
     where, cwd = out.resolve(), Path.cwd().resolve()
     if where == cwd or where in cwd.parents:
@@ -48,24 +111,63 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: It
             raise OutputExistsError(f"{out}: is, holds or lies inside the input {source}; write somewhere else")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    check_writable(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+        foreign = sorted(entry.name for entry in out.iterdir() if ours is not None and not ours(entry.name))
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise OutputExistsError(f"{out}: holds {foreign[0]!r}{more}, which this command does not write; "
+                                    f"--overwrite replaces only a directory of its own output (move that away, or "
+                                    f"write elsewhere)")
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _swap_in(scratch: Path, out: Path) -> None:
+    """Make the complete `scratch` be `out`. An existing `out` is exchanged with it in one step where the system can
+    (a reader sees the old directory or the new one, never neither); elsewhere it is first renamed aside."""
+    if not out.exists():
+        os.replace(scratch, out)
+    elif _exchange(scratch, out):
+        shutil.rmtree(scratch)  # now the old output
+    else:
+        aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.replaced-{_tag()}-"))
+        os.replace(out, aside)
+        os.replace(scratch, out)
+        shutil.rmtree(aside)
 
 
 @contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False,
-               inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
+               ours: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Yield a scratch directory that becomes `out` when the block succeeds; `out` is checked first
-    (`check_output_dir`) and replaced only at the end."""
+    (`check_output_dir`) and replaced, all of it at once, only at the end."""
     out = Path(out)
-    check_output_dir(out, overwrite, inputs)
+    check_output_dir(out, overwrite, inputs, ours)
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = _scratch_dir(out.parent, f".{out.name}.incomplete-")
+    scratch = _scratch_dir(out.parent, f".{out.name}.incomplete-{_tag()}-")
     try:
         yield scratch
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(scratch, out)
+        if out.exists() and any(out.iterdir()):
+            check_output_dir(out, overwrite, inputs, ours)  # what appeared while we worked
+        _swap_in(scratch, out)
+        remove_stray_scratch(out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

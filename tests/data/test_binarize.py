@@ -85,9 +85,11 @@ def test_bad_lines_name_file_and_line_and_leave_nothing(vocab, tmp_path, content
     (tmp_path / "a.txt").write_text(content)
     (tmp_path / "ok.km").write_text("1 2 3\n")
     with pytest.raises(BinarizeError, match=message):
-        prepare_units({"valid": tmp_path / "ok.km", "train": tmp_path / "a.txt"}, out, vocab, show_progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["train.bin"]  # no partial split, no vocab, no scratch
+        prepare_units({"valid": tmp_path / "ok.km", "train": tmp_path / "a.txt"}, out, vocab, show_progress=False,
+                      overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["train.bin"]  # no partial split, no vocab
     assert (out / "train.bin").read_bytes() == b"earlier output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "ok.km", "out"]  # no scratch
 
 
 def test_missing_input_is_named(vocab, tmp_path):
