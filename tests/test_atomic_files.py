@@ -74,3 +74,41 @@ def test_outputs_that_would_lose_an_input_or_the_working_directory(tmp_path, mon
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputExistsError, match="not a directory"):
         check_output_dir(tmp_path / "file", overwrite=True)
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_the_next_successful_write_removes_what_a_killed_one_left_and_nothing_else(tmp_path):
+    """Scratch of a process that is gone (this host's) goes; scratch of a live process (a run going on at the same
+    time), of another host, of another output, and the user's files stay."""
+    from speechgpt_fairseq.atomic_files import _HOST
+
+    dead, live = dead_pid(), os.getppid()  # the parent: a process running beside us
+    strays = [f".out.incomplete-{_HOST}-{dead}-k1ll3d", f".out.replaced-{_HOST}-{dead}-k1ll3d",
+              f".vocab.json.{_HOST}-{dead}.tmp"]
+    kept = [f".out.incomplete-{_HOST}-{live}-running", f".out.incomplete-otherhost-{dead}-elsewhere",
+            f".other.incomplete-{_HOST}-{dead}-k1ll3d", f".out.incomplete-{_HOST}-{dead}",
+            f"out.incomplete-{_HOST}-{dead}-x",
+            f".vocab.json.{_HOST}-{live}.tmp", ".vocab.json.tmp", "notes.txt"]
+    for name in strays + kept:
+        if name.endswith(".tmp") or name == "notes.txt":
+            (tmp_path / name).write_text("x")
+        else:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "train.bin").write_text("half")
+    with pytest.raises(RuntimeError):  # a failed run removes nothing
+        with atomic_dir(tmp_path / "out") as scratch:
+            raise RuntimeError
+    assert sorted(os.listdir(tmp_path)) == sorted(strays + kept)
+    with atomic_dir(tmp_path / "out") as scratch:
+        (scratch / "train.bin").write_text("new")
+    with atomic_file(tmp_path / "vocab.json") as tmp:
+        tmp.write_text("{}")
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["out", "vocab.json"])
