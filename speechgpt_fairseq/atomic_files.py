@@ -44,18 +44,22 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
+def _remove_strays(directory: Path, pattern: str) -> list[Path]:
+    """Remove the entries of `directory` named by `pattern` (its one group holding a pid) whose process is gone."""
+    removed = []
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        match = re.fullmatch(pattern, entry.name)
+        if match and _process_gone(int(next(g for g in match.groups() if g))):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+    return removed
+
+
 def remove_stray_scratch(path: Path) -> list[Path]:
     """Remove what a killed earlier write of `path` left beside it (our temporary names of this host whose process
     is gone); returns what was removed."""
     name = re.escape(path.name)
-    ours = re.compile(rf"\.{name}\.(?:{_HOST}-(\d+)\.tmp|(?:incomplete|replaced)-{_HOST}-(\d+)-\w+)")
-    removed = []
-    for entry in path.parent.iterdir() if path.parent.is_dir() else ():
-        match = ours.fullmatch(entry.name)
-        if match and _process_gone(int(match.group(1) or match.group(2))):
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            removed.append(entry)
-    return removed
+    return _remove_strays(path.parent, rf"\.{name}\.(?:{_HOST}-(\d+)\.tmp|(?:incomplete|replaced)-{_HOST}-(\d+)-\w+)")
 
 
 @contextmanager
@@ -80,11 +84,12 @@ def _scratch_dir(parent: Path, prefix: str) -> Path:
     return scratch
 
 
-def check_writable(out: str | os.PathLike) -> None:
-    """Refuse, before any work, an output that cannot be created: one under a regular file, or whose nearest
-    existing directory cannot be written in (tried, not guessed from permission bits: root ignores them)."""
+def check_writable(out: str | os.PathLike, inside: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be created (or, `inside`, a directory that cannot be written
+    in): one under a regular file, or whose nearest existing directory cannot be written in (tried, not guessed
+    from permission bits: root ignores them)."""
     out = Path(out).absolute()
-    ancestor = out.parent
+    ancestor = out if inside else out.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
@@ -173,15 +178,26 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable
 
 
 @contextmanager
-def atomic_files_into(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a scratch directory inside `out`; when the block succeeds its files replace those of the same
-    name in `out` (other files of `out` are kept), otherwise none of them lands."""
+def atomic_files_into(out: str | os.PathLike, replaces: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield a scratch directory inside `out`; when the block succeeds its files replace those of the same name in
+    `out` (and the files named in `replaces` go), other files of `out` are kept; otherwise none of them lands.
+
+    The old files go before the first new one lands, so a kill during the renames leaves some outputs missing,
+    never a new file beside an old one of the same output (a `NAME.txt` of this run with the `NAME.unit` of an
+    earlier one)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a directory")
+    check_writable(out, inside=True)
     out.mkdir(parents=True, exist_ok=True)
-    scratch = _scratch_dir(out, ".incomplete-")
+    scratch = _scratch_dir(out, f".incomplete-{_tag()}-")
     try:
         yield scratch
-        for item in sorted(scratch.iterdir()):
+        items = sorted(scratch.iterdir())
+        for name in {item.name for item in items} | set(replaces):
+            (out / name).unlink(missing_ok=True)
+        for item in items:
             os.replace(item, out / item.name)
+        _remove_strays(out, rf"\.incomplete-{_HOST}-(\d+)-\w+")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
