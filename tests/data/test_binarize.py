@@ -143,11 +143,12 @@ def run_cli(argv, capsys):
 
     from speechgpt_fairseq.cli.main import main
 
-    handlers, level = logging.root.handlers[:], logging.root.level
+    level = logging.root.level
+    logging.root.handlers.clear()  # handlers another test's main left on a captured stderr that is closed now
     try:
         status = main([str(a) for a in argv])
-    finally:  # main's handler writes to the captured stderr of this test only
-        logging.root.handlers[:] = handlers
+    finally:  # and this main's handler writes to this test's captured stderr
+        logging.root.handlers.clear()
         logging.root.setLevel(level)
     err = capsys.readouterr().err
     assert "Traceback" not in err
