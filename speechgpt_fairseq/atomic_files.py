@@ -66,7 +66,7 @@ def remove_stray_scratch(path: Path) -> list[Path]:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; it becomes `path` when the block succeeds."""
     path = Path(path)
-    check_writable(path)
+    check_output_file(path)
     tmp = path.with_name(f".{path.name}.{_tag()}.tmp")
     try:
         yield tmp
@@ -89,6 +89,8 @@ def check_writable(out: str | os.PathLike, inside: bool = False) -> None:
     in): one under a regular file, or whose nearest existing directory cannot be written in (tried, not guessed
     from permission bits: root ignores them)."""
     out = Path(out).absolute()
+    if inside and out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a directory")
     ancestor = out if inside else out.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -98,6 +100,14 @@ def check_writable(out: str | os.PathLike, inside: bool = False) -> None:
         os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=f".{out.name}.incomplete-{_tag()}-"))
     except OSError as e:
         raise OutputPathError(f"{out}: cannot be written, {ancestor}: {e.strerror}") from None
+
+
+def check_output_file(out: str | os.PathLike) -> None:
+    """Refuse, before any work, a file output that cannot be written: a directory, or a path `check_writable`
+    refuses."""
+    if Path(out).is_dir():
+        raise OutputExistsError(f"{out}: is a directory (expected a file name)")
+    check_writable(out)
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
@@ -186,8 +196,6 @@ def atomic_files_into(out: str | os.PathLike, replaces: Iterable[str] = ()) -> I
     never a new file beside an old one of the same output (a `NAME.txt` of this run with the `NAME.unit` of an
     earlier one)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a directory")
     check_writable(out, inside=True)
     out.mkdir(parents=True, exist_ok=True)
     scratch = _scratch_dir(out, f".incomplete-{_tag()}-")

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from speechgpt_fairseq.atomic_files import atomic_file
+from speechgpt_fairseq.atomic_files import atomic_file, check_output_file
 from speechgpt_fairseq.cli.units import add_data_dir_arguments, check_data_dir, load_vocabulary
 from speechgpt_fairseq.data.instructions import prepare_instructions
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE
@@ -51,6 +51,12 @@ class PrepareSFT:
         print(f"wrote {args.out} ({len(vocab)} tokens in {Path(args.out) / VOCAB_FILE})")
 
 
+def check_score_outputs(args) -> None:
+    for path in (args.out, args.summary):
+        if path:
+            check_output_file(path)
+
+
 def write_scores(rows: list[dict], summary: dict, out: str | None, summary_path: str | None) -> None:
     """Print the JSON summary; write every row as JSON lines to `out` and the summary to `summary_path`."""
     if out:
@@ -86,6 +92,7 @@ class Score:
 
     @staticmethod
     def run(args) -> None:
+        check_score_outputs(args)
         rows, scores = score_records(read_generate_output(args.generate_output), lowercase=not args.keep_case,
                                      remove_punct=not args.keep_punct)
         write_scores(rows, {"examples": len(rows), **scores.summary()}, args.out, args.summary)
@@ -122,6 +129,7 @@ class RoundTrip:
         from speechgpt_fairseq.inference import SpeechGPTGenerator
         from speechgpt_fairseq.speech.units import format_unit_string
 
+        check_score_outputs(args)
         records = read_generate_output(args.generate_output)
         model = SpeechGPTGenerator.from_checkpoint(args.model, device=args.device)
         instruction = args.instruction or shipped_templates("asr")[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from speechgpt_fairseq.atomic_files import OutputExistsError, atomic_file
+from speechgpt_fairseq.atomic_files import OutputExistsError, atomic_file, check_output_file, check_writable
 from speechgpt_fairseq.speech.audio import SAMPLE_RATE, AudioEntry, AudioError, list_audio
 from speechgpt_fairseq.speech.hubert import MAX_CHUNK
 from speechgpt_fairseq.speech.kmeans import FAIRSEQ_KMEANS_OPTIONS, fit_kmeans, save_kmeans
@@ -181,6 +181,7 @@ class Speech2Unit:
     def run(args) -> None:
         if args.durations and not args.dedup:
             raise ValueError("--durations gives the run lengths of deduplicated units; it needs --dedup")
+        check_writable(args.out, inside=True)
         inputs = [Path(i) for i in args.inputs]
         if args.each:
             if args.split:
@@ -299,6 +300,7 @@ class LearnKmeans:
     @staticmethod
     def run(args) -> None:
         out = Path(args.out)
+        check_output_file(out)
         if out.exists() and not args.overwrite:
             raise OutputExistsError(f"{out}: exists (pass --overwrite to replace it)")
         entries = sample_files(listed_audio(args.inputs), args.percent, args.seed)

@@ -137,25 +137,7 @@ def test_writer_matches_fairseq_builder(tmp_path):
 
 # ---- the data directory as one unit ------------------------------------------------------------------------------
 
-def run_cli(argv, capsys):
-    """`speechgpt ARGV` in this process: its status and the last line of its stderr (no traceback in it)."""
-    import logging
-
-    from speechgpt_fairseq.cli.main import main
-
-    level = logging.root.level
-    logging.root.handlers.clear()  # handlers another test's main left on a captured stderr that is closed now
-    try:
-        status = main([str(a) for a in argv])
-    finally:  # and this main's handler writes to this test's captured stderr
-        logging.root.handlers.clear()
-        logging.root.setLevel(level)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return status, err.strip().splitlines()[-1] if err.strip() else ""
-
-
-def test_an_earlier_data_directory_is_replaced_whole_and_only_when_asked(tmp_path, capsys):
+def test_an_earlier_data_directory_is_replaced_whole_and_only_when_asked(tmp_path, speechgpt_main):
     """A data directory of another vocabulary is refused; --overwrite replaces every split of it (none survives
     beside the new ones), and never a file prepare-units did not write."""
     from speechgpt_fairseq.tasks.base import TaskDataError, load_split
@@ -163,22 +145,22 @@ def test_an_earlier_data_directory_is_replaced_whole_and_only_when_asked(tmp_pat
     (tmp_path / "a.km").write_text("1 2 3\n")
     (tmp_path / "b.km").write_text("4 5\n")
     out = tmp_path / "data"
-    assert run_cli(["prepare-units", f"train={tmp_path / 'a.km'}", f"old={tmp_path / 'b.km'}", "--num-units", 50,
-                    "--out", out, "--no-progress"], capsys)[0] == 0
+    assert speechgpt_main(["prepare-units", f"train={tmp_path / 'a.km'}", f"old={tmp_path / 'b.km'}", "--num-units", 50,
+                    "--out", out, "--no-progress"])[0] == 0
     again = ["prepare-units", f"train={tmp_path / 'a.km'}", "--num-units", 20, "--out", out, "--no-progress"]
-    assert run_cli(again, capsys) == (1, f"speechgpt prepare-units: error: {out}: exists and is not empty (pass "
+    assert speechgpt_main(again) == (1, f"speechgpt prepare-units: error: {out}: exists and is not empty (pass "
                                          f"--overwrite to replace it)")
     assert Vocabulary.load(out).num_units == 50
     assert sorted(p.name for p in out.iterdir()) == ["old.bin", "old.idx", "train.bin", "train.idx", "vocab.json"]
 
-    assert run_cli(again + ["--overwrite"], capsys)[0] == 0
+    assert speechgpt_main(again + ["--overwrite"])[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["train.bin", "train.idx", "vocab.json"]
     assert Vocabulary.load(out).num_units == 20 and read(out / "train") == [ids(Vocabulary.units_only(20), [1, 2, 3])]
     with pytest.raises(TaskDataError, match="split 'old' not found"):
         load_split(str(out), "old")
 
     (out / "notes.txt").write_text("mine")
-    status, err = run_cli(again + ["--overwrite"], capsys)
+    status, err = speechgpt_main(again + ["--overwrite"])
     assert (status, err) == (1, f"speechgpt prepare-units: error: {out}: holds 'notes.txt', which this command does "
                                 f"not write; --overwrite replaces only a directory of its own output (move that "
                                 f"away, or write elsewhere)")
