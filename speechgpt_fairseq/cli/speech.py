@@ -142,9 +142,15 @@ class ShardProgress:
         self._save()  # the state moves on only once the lines are in the files
 
     def finish(self) -> None:
-        for suffix, final in self.finals.items():
-            if (self.dir / suffix).exists():  # a kill inside an earlier finish() may have moved some already
-                os.replace(self.dir / suffix, final)
+        """Move the complete files to their final names. The earlier outputs they replace go first, so that a kill
+        in between leaves some outputs missing (the same command finishes them), never a new SPLIT.km beside the
+        SPLIT.units of an earlier run."""
+        # a kill inside an earlier finish() may have moved some already
+        pending = {suffix: final for suffix, final in self.finals.items() if (self.dir / suffix).exists()}
+        for final in pending.values():
+            final.unlink(missing_ok=True)
+        for suffix, final in pending.items():
+            os.replace(self.dir / suffix, final)
         shutil.rmtree(self.dir)
 
 
