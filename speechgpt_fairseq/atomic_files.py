@@ -55,6 +55,12 @@ def _remove_strays(directory: Path, pattern: str) -> list[Path]:
     return removed
 
 
+def remove_stray_files(directory: Path) -> list[Path]:
+    """Remove the temporary files (`.NAME.HOST-PID.tmp`) that killed writes of any file left in `directory`: one
+    sweep for a command that writes many files there with `atomic_file(..., sweep=False)`."""
+    return _remove_strays(directory, rf"\..+\.{_HOST}-(\d+)\.tmp")
+
+
 def remove_stray_scratch(path: Path) -> list[Path]:
     """Remove what a killed earlier write of `path` left beside it (our temporary names of this host whose process
     is gone); returns what was removed."""
@@ -63,15 +69,17 @@ def remove_stray_scratch(path: Path) -> list[Path]:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; it becomes `path` when the block succeeds."""
+def atomic_file(path: str | os.PathLike, sweep: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; it becomes `path` when the block succeeds, and then (with `sweep`) what
+    killed writes of `path` left is removed."""
     path = Path(path)
     check_output_file(path)
     tmp = path.with_name(f".{path.name}.{_tag()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
-        remove_stray_scratch(path)
+        if sweep:
+            remove_stray_scratch(path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -112,3 +112,19 @@ def test_the_next_successful_write_removes_what_a_killed_one_left_and_nothing_el
     with atomic_file(tmp_path / "vocab.json") as tmp:
         tmp.write_text("{}")
     assert sorted(os.listdir(tmp_path)) == sorted(kept + ["out", "vocab.json"])
+
+
+def test_one_sweep_for_a_directory_of_many_files(tmp_path):
+    """unit2speech writes its wavs without a sweep each (a sweep lists the directory) and sweeps OUT once."""
+    from speechgpt_fairseq.atomic_files import _HOST, remove_stray_files
+
+    dead, live = dead_pid(), os.getppid()
+    strays = [f".0.wav.{_HOST}-{dead}.tmp", f".8.wav.{_HOST}-{dead}.tmp"]
+    kept = [f".9.wav.{_HOST}-{live}.tmp", f".9.wav.otherhost-{dead}.tmp", "7.wav", ".hidden.tmp"]
+    for name in strays + kept:
+        (tmp_path / name).write_text("x")
+    with atomic_file(tmp_path / "0.wav", sweep=False) as tmp:
+        tmp.write_text("wav")
+    assert sorted(os.listdir(tmp_path)) == sorted(strays + kept + ["0.wav"])
+    assert sorted(p.name for p in remove_stray_files(tmp_path)) == sorted(strays)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["0.wav"])
