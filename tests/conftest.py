@@ -141,6 +141,28 @@ def cli():
     return run
 
 
+@pytest.fixture
+def speechgpt_main(capsys):
+    """`speechgpt_main([VERB, ...])`: `speechgpt VERB ...` in this process (quicker than `cli`): its exit status and
+    the last line of its stderr, which holds no traceback."""
+    import logging
+
+    from speechgpt_fairseq.cli.main import main
+
+    def run(argv: list) -> tuple[int, str]:
+        level = logging.root.level
+        logging.root.handlers.clear()  # handlers another test's main left on a captured stderr that is closed now
+        try:
+            status = main([str(a) for a in argv])
+        finally:  # and this main's handler writes to this test's captured stderr
+            logging.root.handlers.clear()
+            logging.root.setLevel(level)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        return status, err.strip().splitlines()[-1] if err.strip() else ""
+    return run
+
+
 @pytest.fixture(scope="session")
 def make_hf_llama():
     return write_hf_llama

@@ -74,3 +74,57 @@ def test_outputs_that_would_lose_an_input_or_the_working_directory(tmp_path, mon
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputExistsError, match="not a directory"):
         check_output_dir(tmp_path / "file", overwrite=True)
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_the_next_successful_write_removes_what_a_killed_one_left_and_nothing_else(tmp_path):
+    """Scratch of a process that is gone (this host's) goes; scratch of a live process (a run going on at the same
+    time), of another host, of another output, and the user's files stay."""
+    from speechgpt_fairseq.atomic_files import _HOST
+
+    dead, live = dead_pid(), os.getppid()  # the parent: a process running beside us
+    strays = [f".out.incomplete-{_HOST}-{dead}-k1ll3d", f".out.replaced-{_HOST}-{dead}-k1ll3d",
+              f".vocab.json.{_HOST}-{dead}.tmp"]
+    kept = [f".out.incomplete-{_HOST}-{live}-running", f".out.incomplete-otherhost-{dead}-elsewhere",
+            f".other.incomplete-{_HOST}-{dead}-k1ll3d", f".out.incomplete-{_HOST}-{dead}",
+            f"out.incomplete-{_HOST}-{dead}-x",
+            f".vocab.json.{_HOST}-{live}.tmp", ".vocab.json.tmp", "notes.txt"]
+    for name in strays + kept:
+        if name.endswith(".tmp") or name == "notes.txt":
+            (tmp_path / name).write_text("x")
+        else:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "train.bin").write_text("half")
+    with pytest.raises(RuntimeError):  # a failed run removes nothing
+        with atomic_dir(tmp_path / "out") as scratch:
+            raise RuntimeError
+    assert sorted(os.listdir(tmp_path)) == sorted(strays + kept)
+    with atomic_dir(tmp_path / "out") as scratch:
+        (scratch / "train.bin").write_text("new")
+    with atomic_file(tmp_path / "vocab.json") as tmp:
+        tmp.write_text("{}")
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["out", "vocab.json"])
+
+
+def test_one_sweep_for_a_directory_of_many_files(tmp_path):
+    """unit2speech writes its wavs without a sweep each (a sweep lists the directory) and sweeps OUT once."""
+    from speechgpt_fairseq.atomic_files import _HOST, remove_stray_files
+
+    dead, live = dead_pid(), os.getppid()
+    strays = [f".0.wav.{_HOST}-{dead}.tmp", f".8.wav.{_HOST}-{dead}.tmp"]
+    kept = [f".9.wav.{_HOST}-{live}.tmp", f".9.wav.otherhost-{dead}.tmp", "7.wav", ".hidden.tmp"]
+    for name in strays + kept:
+        (tmp_path / name).write_text("x")
+    with atomic_file(tmp_path / "0.wav", sweep=False) as tmp:
+        tmp.write_text("wav")
+    assert sorted(os.listdir(tmp_path)) == sorted(strays + kept + ["0.wav"])
+    assert sorted(p.name for p in remove_stray_files(tmp_path)) == sorted(strays)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["0.wav"])

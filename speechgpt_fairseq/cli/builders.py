@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from speechgpt_fairseq.atomic_files import check_output_file
 from speechgpt_fairseq.data.builders import (DEFAULT_MIX, BuildStats, build_com, build_cross_modal,
                                              build_text_instructions, load_templates)
 from speechgpt_fairseq.data.prompts import COM_FORMATS
@@ -54,6 +55,7 @@ class BuildCrossModal:
 
     @staticmethod
     def run(args) -> None:
+        check_output_file(args.out)
         stats = build_cross_modal(
             args.out, units=args.units, text=args.text, manifest=args.manifest,
             asr_templates=load_templates(args.asr_templates) if args.asr_templates else None,
@@ -80,6 +82,7 @@ class BuildTextInstructions:
 
     @staticmethod
     def run(args) -> None:
+        check_output_file(args.out)
         stats = build_text_instructions(args.manifest, args.out, skip_bad=args.skip_bad,
                                         show_progress=not args.no_progress, prefix=args.prefix)
         print(summary(args.out, stats, "records", {"text": "text"}))
@@ -107,6 +110,7 @@ class BuildCoM:
 
     @staticmethod
     def run(args) -> None:
+        check_output_file(args.out)
         stats = build_com(args.manifest, args.out, mix=args.mix, skip_bad=args.skip_bad,
                           show_progress=not args.no_progress, seed=args.seed, dedup=args.dedup, prefix=args.prefix,
                           num_units=args.num_units, units_i=args.units_i, units_r=args.units_r)

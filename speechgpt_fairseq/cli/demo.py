@@ -28,7 +28,8 @@ class MakeCorpus:
         p.add_argument("--vocab-size", type=int, default=1000, help="pieces of the tokenizer (default 1000)")
         p.add_argument("--seed", type=int, default=1, help="seed of every draw (default 1)")
         p.add_argument("--workers", type=int, default=2, help="espeak-ng processes in parallel (default 2)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing corpus directory")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing corpus directory (only one holding nothing but corpus files)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     @staticmethod

@@ -5,8 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from speechgpt_fairseq.atomic_files import atomic_file
-from speechgpt_fairseq.cli.units import load_vocabulary, parse_splits
+from speechgpt_fairseq.atomic_files import atomic_file, check_output_file
+from speechgpt_fairseq.cli.units import add_data_dir_arguments, check_data_dir, load_vocabulary
 from speechgpt_fairseq.data.instructions import prepare_instructions
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE
 from speechgpt_fairseq.evaluation import read_generate_output, round_trip, score_records
@@ -17,7 +17,8 @@ class PrepareSFT:
     com_sft: OUT/NAME.bin/.idx (tokens), OUT/NAME.seg.bin/.idx (which tokens are system prefix, prompt and
     response, so that the task can choose where the loss goes) and OUT/vocab.json. Files are read line by
     line, so a 13 GB file needs no more memory than a small one. A malformed line stops with its file and line
-    number and nothing is written, unless --skip-bad skips and counts it."""
+    number and nothing is written, unless --skip-bad skips and counts it. OUT is written whole: an existing one is
+    replaced, every split of it, only with --overwrite and only when the run succeeds."""
 
     help = "binarize instruction JSON lines for cross_modal_sft / com_sft"
 
@@ -26,7 +27,7 @@ class PrepareSFT:
         p.add_argument("splits", nargs="+", metavar="NAME=FILE",
                        help="e.g. train=cm_train.jsonl valid=cm_dev.jsonl alpaca=alpaca.jsonl (mix sources with "
                             "task.mix); a split named twice concatenates its files in order")
-        p.add_argument("--out", required=True, help="data directory to write (task.data)")
+        add_data_dir_arguments(p)
         p.add_argument("--vocab", required=True,
                        help="vocab.json or a directory holding one (convert-hf's output, a stage-1 data directory), "
                             "or a tokenizer (tokenizer.model, tokenizer.json, Hugging Face directory)")
@@ -37,15 +38,23 @@ class PrepareSFT:
 
     @staticmethod
     def run(args) -> None:
+        splits = check_data_dir(args)
         vocab = load_vocabulary(args.vocab, args.num_units)
         if vocab.tokenizer_kind is None:
             raise ValueError(f"{args.vocab}: a units-only vocabulary cannot encode instructions; give the base "
                              f"LLM's vocabulary (e.g. convert-hf's output)")
-        for stats in prepare_instructions(parse_splits(args.splits), args.out, vocab, skip_bad=args.skip_bad,
-                                          show_progress=not args.no_progress):
+        for stats in prepare_instructions(splits, args.out, vocab, skip_bad=args.skip_bad,
+                                          show_progress=not args.no_progress, overwrite=args.overwrite,
+                                          inputs=[args.vocab]):
             skipped = ", ".join(f"skipped {n}: {reason}" for reason, n in stats.skipped.items()) or "nothing skipped"
             print(f"{stats.path}: {stats.records} examples, {stats.tokens} tokens ({skipped})")
         print(f"wrote {args.out} ({len(vocab)} tokens in {Path(args.out) / VOCAB_FILE})")
+
+
+def check_score_outputs(args) -> None:
+    for path in (args.out, args.summary):
+        if path:
+            check_output_file(path)
 
 
 def write_scores(rows: list[dict], summary: dict, out: str | None, summary_path: str | None) -> None:
@@ -83,6 +92,7 @@ class Score:
 
     @staticmethod
     def run(args) -> None:
+        check_score_outputs(args)
         rows, scores = score_records(read_generate_output(args.generate_output), lowercase=not args.keep_case,
                                      remove_punct=not args.keep_punct)
         write_scores(rows, {"examples": len(rows), **scores.summary()}, args.out, args.summary)
@@ -119,6 +129,7 @@ class RoundTrip:
         from speechgpt_fairseq.inference import SpeechGPTGenerator
         from speechgpt_fairseq.speech.units import format_unit_string
 
+        check_score_outputs(args)
         records = read_generate_output(args.generate_output)
         model = SpeechGPTGenerator.from_checkpoint(args.model, device=args.device)
         instruction = args.instruction or shipped_templates("asr")[0]

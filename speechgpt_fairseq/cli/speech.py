@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from speechgpt_fairseq.atomic_files import OutputExistsError, atomic_file
+from speechgpt_fairseq.atomic_files import OutputExistsError, atomic_file, check_output_file, check_writable
 from speechgpt_fairseq.speech.audio import SAMPLE_RATE, AudioEntry, AudioError, list_audio
 from speechgpt_fairseq.speech.hubert import MAX_CHUNK
 from speechgpt_fairseq.speech.kmeans import FAIRSEQ_KMEANS_OPTIONS, fit_kmeans, save_kmeans
@@ -142,9 +142,15 @@ class ShardProgress:
         self._save()  # the state moves on only once the lines are in the files
 
     def finish(self) -> None:
-        for suffix, final in self.finals.items():
-            if (self.dir / suffix).exists():  # a kill inside an earlier finish() may have moved some already
-                os.replace(self.dir / suffix, final)
+        """Move the complete files to their final names. The earlier outputs they replace go first, so that a kill
+        in between leaves some outputs missing (the same command finishes them), never a new SPLIT.km beside the
+        SPLIT.units of an earlier run."""
+        # a kill inside an earlier finish() may have moved some already
+        pending = {suffix: final for suffix, final in self.finals.items() if (self.dir / suffix).exists()}
+        for final in pending.values():
+            final.unlink(missing_ok=True)
+        for suffix, final in pending.items():
+            os.replace(self.dir / suffix, final)
         shutil.rmtree(self.dir)
 
 
@@ -181,6 +187,7 @@ class Speech2Unit:
     def run(args) -> None:
         if args.durations and not args.dedup:
             raise ValueError("--durations gives the run lengths of deduplicated units; it needs --dedup")
+        check_writable(args.out, inside=True)
         inputs = [Path(i) for i in args.inputs]
         if args.each:
             if args.split:
@@ -299,6 +306,7 @@ class LearnKmeans:
     @staticmethod
     def run(args) -> None:
         out = Path(args.out)
+        check_output_file(out)
         if out.exists() and not args.overwrite:
             raise OutputExistsError(f"{out}: exists (pass --overwrite to replace it)")
         entries = sample_files(listed_audio(args.inputs), args.percent, args.seed)

@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import speechgpt_fairseq
+from speechgpt_fairseq.atomic_files import check_output_file
 from speechgpt_fairseq.data.text_to_unit import (SOURCE_LANG, TARGET_LANG, UNIT_FORMATS, Split, TextToUnitError,
                                                  export_splits, read_hypotheses, write_units)
 from speechgpt_fairseq.speech.units import dedup_units
@@ -164,6 +165,7 @@ class T2UImport:
 
     @staticmethod
     def run(args) -> None:
+        check_output_file(args.out)
         expected = None
         if args.source is not None:
             if not Path(args.source).is_file():

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from speechgpt_fairseq.data.binarize import BinarizeError, prepare_units
+from speechgpt_fairseq.atomic_files import check_output_dir
+from speechgpt_fairseq.data.binarize import BinarizeError, is_data_file, prepare_units
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
 
 
@@ -36,6 +37,23 @@ def parse_splits(specs: list[str]) -> dict[str, list[str]]:
     return splits
 
 
+def add_data_dir_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True,
+                   help="data directory to write (task.data); must not exist or be empty, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier data directory, every split of it (only one holding nothing but "
+                        "vocab.json and .bin/.idx files)")
+
+
+def check_data_dir(args) -> dict[str, list[str]]:
+    """The splits of the command line, after checking --out before anything is read: a data directory is replaced
+    whole, only with --overwrite, and never one holding files we did not write or one of the inputs."""
+    splits = parse_splits(args.splits)
+    inputs = [path for paths in splits.values() for path in paths] + ([args.vocab] if args.vocab else [])
+    check_output_dir(args.out, args.overwrite, inputs, ours=is_data_file)
+    return splits
+
+
 class PrepareUnits:
     """Binarize unit files (fairseq k-means labels, or SpeechGPT unit strings `<sosp><12><7>…<eosp>`, one
     utterance per line) into fairseq memory-mapped datasets: OUT/SPLIT.bin and .idx, plus OUT/vocab.json.
@@ -43,7 +61,8 @@ class PrepareUnits:
     have their runs of a repeated unit merged, the units SpeechGPT trained on and the unit vocoder speaks;
     --no-dedup keeps every frame. Unit strings are taken as written. Each utterance starts with the tokenizer's
     bos when the tokenizer adds one. Empty lines are skipped and counted; a malformed line stops with its file
-    and line number, and nothing is written."""
+    and line number, and nothing is written. OUT is written whole: an existing one is replaced, every split of
+    it, only with --overwrite and only when the run succeeds."""
 
     help = "binarize unit corpora (k-means labels or SpeechGPT unit strings) for unit_lm"
 
@@ -51,7 +70,7 @@ class PrepareUnits:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("splits", nargs="+", metavar="SPLIT=FILE",
                        help="e.g. train=train.km valid=valid.km; a split named twice concatenates its files")
-        p.add_argument("--out", required=True, help="data directory to write (task.data)")
+        add_data_dir_arguments(p)
         p.add_argument("--vocab", default=None,
                        help="vocab.json or a directory holding one (convert-hf's output), or a tokenizer "
                             "(tokenizer.model, tokenizer.json, Hugging Face directory); default: units only")
@@ -64,9 +83,11 @@ class PrepareUnits:
 
     @staticmethod
     def run(args) -> None:
+        splits = check_data_dir(args)
         vocab = load_vocabulary(args.vocab, args.num_units)
-        for stats in prepare_units(parse_splits(args.splits), args.out, vocab, open_splits=args.open,
-                                   show_progress=not args.no_progress, dedup=args.dedup):
+        for stats in prepare_units(splits, args.out, vocab, open_splits=args.open, show_progress=not args.no_progress,
+                                   dedup=args.dedup, overwrite=args.overwrite,
+                                   inputs=[args.vocab] if args.vocab else []):
             skipped = ", ".join(f"skipped {n}: {reason}" for reason, n in stats.skipped.items()) or "nothing skipped"
             print(f"{stats.path}: {stats.records} utterances, {stats.tokens} tokens ({skipped})")
         print(f"wrote {args.out} ({len(vocab)} tokens in {Path(args.out) / VOCAB_FILE})")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from speechgpt_fairseq.atomic_files import check_output_file, check_writable, remove_stray_files
 from speechgpt_fairseq.speech.units import UnitFormatError, detect_unit_format, parse_kmeans_labels, parse_unit_string
 from speechgpt_fairseq.speech.vocoder import UnitVocoder, write_wav
 
@@ -103,6 +104,7 @@ class Unit2Speech:
     def run(args) -> None:
         if (args.input is None) == (args.units is None):
             raise UnitsInputError("give a units file or --units, not both or neither")
+        check_writable(args.out, inside=True)
         vocoder = UnitVocoder.from_files(args.vocoder, args.vocoder_config, device=args.device)
         vocoder.check([0], args.speaker)  # speaker errors before any work
         source = "--units" if args.input is None else args.input
@@ -115,8 +117,9 @@ class Unit2Speech:
         seconds = 0.0
         for index, units in tqdm(utterances, desc="unit2speech", unit=" wav", disable=args.no_progress):
             wav = vocoder(units, args.speaker, dur_prediction=args.dur_prediction)
-            write_wav(out / names[index], wav, vocoder.sample_rate)
+            write_wav(out / names[index], wav, vocoder.sample_rate, sweep=False)
             seconds += len(wav) / vocoder.sample_rate
+        remove_stray_files(out)  # what a killed earlier run left
         reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
         print(f"wrote {out}: {len(utterances)} wavs, {seconds:.1f} s at {vocoder.sample_rate} Hz; "
               f"skipped {sum(skipped.values())}" + (f" ({reasons})" if reasons else ""))
@@ -147,6 +150,7 @@ class FitExemplarVocoder:
 
         if not args.out.endswith(".npz"):
             raise ValueError(f"{args.out}: the vocoder file is an .npz")
+        check_output_file(args.out)
         _, entries = list_audio(args.inputs)
         vocoder = fit_exemplar_vocoder(entries[:args.max_files], args.kmeans, args.hubert, args.layer,
                                        show_progress=not args.no_progress)

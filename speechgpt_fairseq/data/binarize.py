@@ -1,12 +1,14 @@
 """Binarization into fairseq memory-mapped datasets (`split.bin` + `split.idx`), streaming and all-or-nothing.
 
 The writer keeps nothing per record in memory: token ids go straight to the `.bin` file and sizes to a
-scratch file, so memory stays flat however large the corpus. Everything is written under a temporary name
-and renamed into place only when the whole output succeeded.
+scratch file, so memory stays flat however large the corpus. A data directory is one unit: it is built whole
+in a scratch directory beside it and swapped in only when every split succeeded, so no split of an earlier run
+(binarized with another vocabulary, perhaps) survives beside the new ones.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -16,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from speechgpt_fairseq.atomic_files import atomic_files_into
+from speechgpt_fairseq.atomic_files import atomic_dir
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
 from speechgpt_fairseq.speech.units import (EOSP, SOSP, UnitFormatError, dedup_units, detect_unit_format,
                                             parse_kmeans_labels, parse_unit_string)
@@ -31,6 +33,15 @@ ChannelsOf = Callable[[Path, str], list[tuple[Path, int]]]
 
 class BinarizeError(ValueError):
     """Input that cannot be binarized; names the file and line."""
+
+
+# what prepare-units / prepare-sft write into a data directory (and the scratch an earlier version kept inside it)
+_DATA_FILE = re.compile(r"vocab\.json|[\w.-]+\.(?:bin|idx)|\.incomplete-\w+")
+
+
+def is_data_file(name: str) -> bool:
+    """Whether a file name in a data directory is one of ours, which --overwrite may replace."""
+    return _DATA_FILE.fullmatch(name) is not None
 
 
 class IndexedDatasetWriter:
@@ -155,16 +166,21 @@ def write_split(records: Iterable[tuple[list[int], ...]], channels: list[tuple[s
 
 
 def binarize_splits(splits: dict[str, str | list[str]], out: str | os.PathLike, vocab: Vocabulary, read: ReadSplit,
-                    channels: ChannelsOf, what: str = "records", show_progress: bool = True) -> list[SplitStats]:
+                    channels: ChannelsOf, what: str = "records", show_progress: bool = True,
+                    overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> list[SplitStats]:
     """Binarize the input file (or files, in order) of each split with `read(name, path, stats)` into the channels
-    `channels(scratch, name)` names, then `vocab.json`; all of it lands in `out` together, or none of it."""
+    `channels(scratch, name)` names, then `vocab.json`; the directory `out` becomes exactly that, all at once, or
+    stays as it was. An `out` that holds anything is replaced only with `overwrite`, and only when all it holds is
+    ours (`is_data_file`); `out` may not be, hold or lie in one of `inputs` (the split files are always inputs)."""
     from tqdm import tqdm
 
     results = []
-    with atomic_files_into(out) as scratch:
+    paths_of = {name: [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+                for name, paths in splits.items()}
+    inputs = [*inputs, *(path for paths in paths_of.values() for path in paths)]
+    with atomic_dir(out, overwrite, inputs, ours=is_data_file) as scratch:
         vocab.save(scratch / VOCAB_FILE)
-        for name, paths in splits.items():
-            paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        for name, paths in paths_of.items():
             for path in paths:
                 if not Path(path).is_file():
                     raise BinarizeError(f"{path}: no such file (split {name!r})")
@@ -180,9 +196,11 @@ def binarize_splits(splits: dict[str, str | list[str]], out: str | os.PathLike, 
 
 
 def prepare_units(splits: dict[str, str | list[str]], out: str | os.PathLike, vocab: Vocabulary,
-                  open_splits: Iterable[str] = (), show_progress: bool = True, dedup: bool = True) -> list[SplitStats]:
-    """Binarize units files into `out` (one `name.bin/.idx` per split) with `vocab.json` beside them; k-means
-    labels have their repeats merged unless `dedup` is off."""
+                  open_splits: Iterable[str] = (), show_progress: bool = True, dedup: bool = True,
+                  overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> list[SplitStats]:
+    """Binarize units files into the data directory `out` (one `name.bin/.idx` per split) with `vocab.json` beside
+    them; k-means labels have their repeats merged unless `dedup` is off. `out` is written as `binarize_splits`
+    says (`overwrite` to replace an earlier one)."""
     open_splits = set(open_splits)
     unknown = open_splits - set(splits)
     if unknown:
@@ -192,4 +210,4 @@ def prepare_units(splits: dict[str, str | list[str]], out: str | os.PathLike, vo
         read=lambda name, path, stats: ((ids,) for ids in read_unit_lines(path, vocab, stats, name in open_splits,
                                                                           dedup)),
         channels=lambda scratch, name: [(scratch / name, len(vocab))], what="utterances",
-        show_progress=show_progress)
+        show_progress=show_progress, overwrite=overwrite, inputs=inputs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from speechgpt_fairseq.data.binarize import BinarizeError, SplitStats, binarize_splits
 from speechgpt_fairseq.data.prompts import Example, PromptFormatError, split_turn
@@ -136,10 +136,12 @@ def parse_line(line: str) -> Example:
 
 
 def prepare_instructions(splits: dict[str, str | list[str]], out: str | os.PathLike, vocab: Vocabulary, skip_bad: bool = False,
-                         show_progress: bool = True) -> list[SplitStats]:
-    """Binarize JSON-lines files into `out`: NAME.bin/.idx (tokens), NAME.seg.bin/.idx (segments), vocab.json."""
+                         show_progress: bool = True, overwrite: bool = False,
+                         inputs: Iterable[str | os.PathLike] = ()) -> list[SplitStats]:
+    """Binarize JSON-lines files into the data directory `out`: NAME.bin/.idx (tokens), NAME.seg.bin/.idx
+    (segments), vocab.json; `out` is written as `binarize_splits` says (`overwrite` to replace an earlier one)."""
     return binarize_splits(
         splits, out, vocab, read=lambda name, path, stats: read_examples(path, vocab, stats, skip_bad),
         channels=lambda scratch, name: [(scratch / name, len(vocab)),
                                         (scratch / f"{name}{SEGMENTS_SUFFIX}", RESPONSE + 1)],
-        what="examples", show_progress=show_progress)
+        what="examples", show_progress=show_progress, overwrite=overwrite, inputs=inputs)

@@ -102,7 +102,9 @@ def export_splits(splits: list[Split], out: str | os.PathLike, *, dedup: bool = 
     out = Path(out)
     _check_splits(splits, out)
     all_stats = {}
-    with atomic_files_into(out) as scratch:
+    # a source-only split must not sit beside the targets of an earlier export
+    stale_targets = [f"{split.name}.{TARGET_LANG}" for split in splits if split.units is None]
+    with atomic_files_into(out, replaces=stale_targets) as scratch:
         for split in splits:
             stats = all_stats[split.name] = BuildStats(skip_bad=skip_bad)
             kind = "pairs" if split.units else "texts"
@@ -119,9 +121,6 @@ def export_splits(splits: list[Split], out: str | os.PathLike, *, dedup: bool = 
                 skipped = ", ".join(f"{reason}: {n}" for reason, n in stats.skipped.items()) or "nothing skipped"
                 raise TextToUnitError(f"{split.text}: no {kind} to write for split {split.name!r} "
                                       f"({stats.read} lines read; {skipped})")
-    for split in splits:  # a source-only split must not sit beside the targets of an earlier export
-        if split.units is None:
-            (out / f"{split.name}.{TARGET_LANG}").unlink(missing_ok=True)
     return all_stats
 
 

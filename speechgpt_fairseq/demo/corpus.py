@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
-from speechgpt_fairseq.atomic_files import atomic_dir
+from speechgpt_fairseq.atomic_files import atomic_dir, check_output_dir
 from speechgpt_fairseq.demo.tokenizer import tokenizer_text, train_tokenizer
 from speechgpt_fairseq.demo.world import (ASSISTANT_RATE, ASSISTANT_VOICE, RATES, SAY, SPLITS, VOICES, make_world,
                                           sample_sentences)
@@ -55,12 +56,21 @@ def speak(utterance: Utterance, root: Path) -> int:
     return sf.info(path).frames
 
 
+# what make_corpus writes into its directory: --overwrite replaces one holding nothing else
+CORPUS_FILES = re.compile(r"wav|qa|tokenizer\.model|knowledge\.jsonl|\w+\.(tsv|wrd|jsonl)")
+
+
+def is_corpus_file(name: str) -> bool:
+    return CORPUS_FILES.fullmatch(name) is not None
+
+
 def make_corpus(out: str | Path, sentences: tuple[int, int, int] = (4000, 200, 100),
                 renditions: tuple[int, int, int] = (10, 2, 3), seed: int = 1, vocab_size: int = 1000,
                 workers: int = 2, overwrite: bool = False, show_progress: bool = True) -> dict:
     """Write the corpus to `out` (whole or not at all): `sentences` per split, and every question of a split
     spoken `renditions` times in drawn voices and rates. Returns the counts per split."""
     out = Path(out).absolute()
+    check_output_dir(out, overwrite, ours=is_corpus_file)
     rng = random.Random(seed)
     texts = sample_sentences(sum(sentences), rng)
     drawn = [Utterance(f"wav/{i:05d}.wav", t, rng.choice(VOICES), rng.choice(RATES)) for i, t in enumerate(texts)]
@@ -78,7 +88,7 @@ def make_corpus(out: str | Path, sentences: tuple[int, int, int] = (4000, 200, 1
                                                    qa_rng.choice(VOICES), qa_rng.choice(RATES))))
     knowledge = world.knowledge()
 
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, ours=is_corpus_file) as tmp:
         (tmp / "wav").mkdir()
         (tmp / "qa").mkdir()
         jobs = [*drawn, *assistant, *answers.values(), *(u for split in SPLITS for _, u in spoken[split])]

@@ -117,7 +117,8 @@ class DemoPipeline:
     def data_steps(self) -> list[Step]:
         vocab = ["--vocab", self.path("corpus", "tokenizer.model"), "--num-units", str(NUM_UNITS)]
         steps = [Step("stage1-data", ["speechgpt", "prepare-units", *vocab, "--out", self.path("stage1", "data-bin"),
-                                      "--no-progress", *(f"{s}={self.units(s)}" for s in ("train", "valid"))])]
+                                      "--overwrite", "--no-progress",
+                                      *(f"{s}={self.units(s)}" for s in ("train", "valid"))])]
         # stage 2: speech recognition of the sentences in drawn voices, synthesis in the assistant's voice, and
         # the world's knowledge as text instructions
         for split in SPLITS:
@@ -130,7 +131,8 @@ class DemoPipeline:
                                           self.path("corpus", "knowledge.jsonl"),
                                           "--out", self.stage2_file("text", "train"), "--no-progress"]))
         steps.append(Step("stage2-data", [
-            "speechgpt", "prepare-sft", *vocab, "--out", self.path("stage2", "data-bin"), "--no-progress",
+            "speechgpt", "prepare-sft", *vocab, "--out", self.path("stage2", "data-bin"), "--overwrite",
+            "--no-progress",
             *(f"{source}={self.stage2_file(source, 'train')}" for source in STAGE2_SOURCES),
             *(f"{split}={self.stage2_file(task, split)}" for split in ("valid", "test") for task in ("asr", "tts"))]))
         # stage 3: the training questions in every format, "say SENTENCE" answered in speech, and stage 2's data
@@ -147,7 +149,8 @@ class DemoPipeline:
                 *(["--mix", f"{fmt}=1"] if fmt else []), "--num-units", str(NUM_UNITS), "--seed", str(self.seed),
                 "--out", self.stage3_file(name), "--no-progress"]))
         steps.append(Step("stage3-data", [
-            "speechgpt", "prepare-sft", *vocab, "--out", self.path("stage3", "data-bin"), "--no-progress",
+            "speechgpt", "prepare-sft", *vocab, "--out", self.path("stage3", "data-bin"), "--overwrite",
+            "--no-progress",
             *(f"{name}={self.stage3_file(name)}" for name in com),
             *(f"{source}={self.stage2_file(source, 'train')}" for source in STAGE2_SOURCES)]))
         return steps

@@ -347,11 +347,25 @@ def _checkpoint_file(path: Path) -> Path:
 
 
 # ---- the two verbs ----------------------------------------------------------------------------------
+# the files each verb writes into OUT: --overwrite replaces an OUT that holds nothing else
+CHECKPOINT_DIR_FILES = re.compile(r"checkpoint\.pt|vocab\.json|model\.yaml")
+HF_DIR_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
+                          r"generation_config\.json|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json")
+
+
+def is_checkpoint_dir_file(name: str) -> bool:
+    return CHECKPOINT_DIR_FILES.fullmatch(name) is not None
+
+
+def is_hf_dir_file(name: str) -> bool:
+    return HF_DIR_FILES.fullmatch(name) is not None
+
+
 def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, num_units: int | None = None,
                overwrite: bool = False) -> Path:
     """HF LlamaForCausalLM directory -> `out/checkpoint.pt` + `out/vocab.json` (+ `out/model.yaml`)."""
     hf_dir, out = Path(hf_dir), Path(out)
-    check_output_dir(out, overwrite, inputs=[hf_dir])
+    check_output_dir(out, overwrite, inputs=[hf_dir], ours=is_checkpoint_dir_file)
     config = read_hf_config(hf_dir)
     vocab = Vocabulary.from_tokenizer(hf_dir, num_units)
     model_cfg = model_config_from_hf(config)
@@ -366,7 +380,7 @@ def write_checkpoint_dir(out: Path, weights: dict, model_cfg: SpeechGPTLlamaConf
                          overwrite: bool, inputs: list[Path]) -> None:
     """`out/checkpoint.pt`, `out/vocab.json` and `out/model.yaml`, written all together or not at all; `out` may not
     be, hold or lie in one of `inputs`."""
-    with atomic_dir(out, overwrite, inputs) as scratch:
+    with atomic_dir(out, overwrite, inputs, ours=is_checkpoint_dir_file) as scratch:
         vocab.save(scratch / VOCAB_FILE)
         torch.save(fairseq_checkpoint(weights, model_cfg, vocab, data=str(out.resolve())), scratch / "checkpoint.pt")
         model_yaml = {**OmegaConf.to_container(OmegaConf.structured(model_cfg)), "_name": "speechgpt_llama"}
@@ -382,14 +396,14 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
     from safetensors.torch import save_file
 
     checkpoint, out = Path(checkpoint), Path(out)
-    check_output_dir(out, overwrite, inputs=[checkpoint])
+    check_output_dir(out, overwrite, inputs=[checkpoint], ours=is_hf_dir_file)
     state = load_fairseq_checkpoint(checkpoint)
     model_cfg = checkpoint_model_config(state, checkpoint)
     vocab = checkpoint_vocabulary(state, checkpoint)
     tensors = {fairseq_to_hf_name(k): v.contiguous() for k, v in plain_weights(state, model_cfg).items()
                if k != "decoder.vocab_digest"}
     dtype = next(iter(tensors.values())).dtype
-    with atomic_dir(out, overwrite, inputs=[checkpoint]) as scratch:
+    with atomic_dir(out, overwrite, inputs=[checkpoint], ours=is_hf_dir_file) as scratch:
         _save_sharded(tensors, scratch, max_shard_bytes, save_file)
         (scratch / "config.json").write_text(json.dumps(hf_config_from_model(model_cfg, vocab, dtype), indent=2))
         (scratch / "generation_config.json").write_text(json.dumps(
@@ -581,7 +595,7 @@ def import_peft(base: str | os.PathLike, out: str | os.PathLike, adapter: str | 
     """A fairseq checkpoint of ours + a PEFT LoRA adapter -> a checkpoint directory like convert-hf's: with `merge`
     the merged model, otherwise a LoRA model whose checkpoint holds only the adapter (lora_base = BASE)."""
     base, out, adapter = _checkpoint_file(Path(base)), Path(out), Path(adapter)
-    check_output_dir(out, overwrite, inputs=[base, adapter])
+    check_output_dir(out, overwrite, inputs=[base, adapter], ours=is_checkpoint_dir_file)
     state = load_fairseq_checkpoint(base)
     model_cfg, vocab = checkpoint_model_config(state, base), checkpoint_vocabulary(state, base)
     if model_cfg.lora_rank:

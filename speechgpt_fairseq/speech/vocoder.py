@@ -149,7 +149,8 @@ class UnitVocoder:
         return wav.float().cpu().numpy().reshape(-1)
 
 
-def write_wav(path: str | Path, wav: np.ndarray, sample_rate: int) -> None:
-    """Write `wav` as a 16-bit PCM wav, whole or not at all (under a temporary name, then renamed)."""
-    with atomic_file(path) as tmp:
+def write_wav(path: str | Path, wav: np.ndarray, sample_rate: int, sweep: bool = True) -> None:
+    """Write `wav` as a 16-bit PCM wav, whole or not at all (under a temporary name, then renamed); `sweep=False`
+    for one of many wavs of a directory, swept once with `remove_stray_files`."""
+    with atomic_file(path, sweep) as tmp:
         sf.write(tmp, wav, sample_rate, format="WAV", subtype="PCM_16")

@@ -1,4 +1,6 @@
 """The command-line surface and the registered names are frozen here: a rename is a deliberate change."""
+from pathlib import Path
+
 import pytest
 
 import speechgpt_fairseq
@@ -43,8 +45,9 @@ def test_registered_fairseq_names():
                       "--overwrite", "--no-progress", "--out", "--n-clusters", "--percent", "--seed", "--init",
                       "--max-iter", "--batch-size", "--tol", "--max-no-improvement", "--n-init",
                       "--reassignment-ratio"}),
-    ("prepare-units", {"--out", "--vocab", "--num-units", "--open", "--dedup", "--no-dedup", "--no-progress"}),
-    ("prepare-sft", {"--out", "--vocab", "--num-units", "--skip-bad", "--no-progress"}),
+    ("prepare-units", {"--out", "--overwrite", "--vocab", "--num-units", "--open", "--dedup", "--no-dedup",
+                       "--no-progress"}),
+    ("prepare-sft", {"--out", "--overwrite", "--vocab", "--num-units", "--skip-bad", "--no-progress"}),
     ("score", {"--out", "--summary", "--keep-case", "--keep-punct"}),
     ("round-trip", {"--out", "--summary", "--keep-case", "--keep-punct", "--model", "--instruction", "--batch-size",
                     "--max-new-tokens", "--device", "--no-progress"}),
@@ -97,3 +100,57 @@ def test_user_dir_shim_registers_everything(cli, tmp_path):
     import sys
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip().endswith("True"), out.stderr
+
+
+# every writer: an --out that cannot be written is a one-line error before anything is read (the inputs named here
+# do not exist, so a verb that read first would report them instead)
+DIR_WRITERS = {
+    "prepare-units": ["prepare-units", "train=missing.km", "--vocab", "missing-vocab", "--out", "OUT"],
+    "prepare-sft": ["prepare-sft", "train=missing.jsonl", "--vocab", "missing-vocab", "--out", "OUT"],
+    "convert-hf": ["convert-hf", "missing-hf", "OUT"],
+    "export-hf": ["export-hf", "missing.pt", "OUT"],
+    "import-peft": ["import-peft", "missing-base", "OUT", "--adapter", "missing-adapter"],
+    "t2u-export": ["t2u-export", "--text", "train=missing.wrd", "--out", "OUT"],
+    "speech2unit": ["speech2unit", "missing.tsv", "--kmeans", "missing.bin", "--out", "OUT"],
+    "unit2speech": ["unit2speech", "missing.units", "--vocoder", "missing.pt", "--vocoder-config", "missing.json",
+                    "--out", "OUT"],
+}
+FILE_WRITERS = {
+    "build-cross-modal": ["build-cross-modal", "--units", "missing.km", "--text", "missing.wrd", "--out", "OUT"],
+    "build-com": ["build-com", "--manifest", "missing.jsonl", "--out", "OUT"],
+    "build-text-instructions": ["build-text-instructions", "--manifest", "missing.jsonl", "--out", "OUT"],
+    "learn-kmeans": ["learn-kmeans", "missing.tsv", "--n-clusters", "2", "--out", "OUT"],
+    "fit-exemplar-vocoder": ["fit-exemplar-vocoder", "missing.tsv", "--kmeans", "missing.bin", "--out", "OUT"],
+    "t2u-import": ["t2u-import", "missing-generate.txt", "--out", "OUT"],
+    "score": ["score", "missing-generate.txt", "--out", "OUT"],
+}
+UNWRITABLE = Path("/proc/speechgpt-test-nowhere")  # creating anything there fails, for root too (chmod does not)
+
+
+OUT_CASES = [*((verb, where) for verb in DIR_WRITERS for where in ("under a file", "unwritable", "a file")),
+             *((verb, where) for verb in FILE_WRITERS for where in ("under a file", "unwritable", "a directory"))]
+
+
+@pytest.mark.parametrize("verb,where", OUT_CASES)
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(verb, where, tmp_path, monkeypatch, speechgpt_main):
+    monkeypatch.chdir(tmp_path)
+    argv = {**DIR_WRITERS, **FILE_WRITERS}[verb]
+    if verb == "fit-exemplar-vocoder":
+        argv = [a if a != "OUT" else "OUT.npz" for a in argv]
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "dir").mkdir()
+    name = "OUT.npz" if verb == "fit-exemplar-vocoder" else "OUT"
+    if where == "under a file":
+        out = tmp_path / "file" / name
+        message = f"{out}: cannot be created, {tmp_path / 'file'} is a file"
+    elif where == "unwritable":
+        out, message = UNWRITABLE / name, f"{UNWRITABLE / name}: cannot be written, /proc: No such file or directory"
+    elif where == "a file":
+        out, message = tmp_path / "file", f"{tmp_path / 'file'}: exists and is not a directory"
+    else:
+        out, message = tmp_path / "dir" / name, f"{tmp_path / 'dir' / name}: is a directory (expected a file name)"
+        out.mkdir()
+    argv = [str(out) if a == name else a for a in argv]
+    assert speechgpt_main(argv) == (1, f"speechgpt {verb}: error: {message}")
+    assert (tmp_path / "file").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]
+    assert [p.name for p in (tmp_path / "dir").iterdir()] == ([name] if where == "a directory" else [])

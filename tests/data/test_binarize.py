@@ -1,6 +1,8 @@
 """prepare-units: both unit formats, repeats of k-means labels merged, bos as the tokenizer says, fairseq-readable
 output, counted skips, clear errors, nothing partial."""
 import dataclasses
+import os
+from pathlib import Path
 import tracemalloc
 
 import numpy as np
@@ -85,9 +87,11 @@ def test_bad_lines_name_file_and_line_and_leave_nothing(vocab, tmp_path, content
     (tmp_path / "a.txt").write_text(content)
     (tmp_path / "ok.km").write_text("1 2 3\n")
     with pytest.raises(BinarizeError, match=message):
-        prepare_units({"valid": tmp_path / "ok.km", "train": tmp_path / "a.txt"}, out, vocab, show_progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["train.bin"]  # no partial split, no vocab, no scratch
+        prepare_units({"valid": tmp_path / "ok.km", "train": tmp_path / "a.txt"}, out, vocab, show_progress=False,
+                      overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["train.bin"]  # no partial split, no vocab
     assert (out / "train.bin").read_bytes() == b"earlier output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "ok.km", "out"]  # no scratch
 
 
 def test_missing_input_is_named(vocab, tmp_path):
@@ -129,3 +133,84 @@ def test_writer_matches_fairseq_builder(tmp_path):
     b.finalize(str(tmp_path / "theirs.idx"))
     for ext in ("bin", "idx"):
         assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"theirs.{ext}").read_bytes()
+
+
+# ---- the data directory as one unit ------------------------------------------------------------------------------
+
+def test_an_earlier_data_directory_is_replaced_whole_and_only_when_asked(tmp_path, speechgpt_main):
+    """A data directory of another vocabulary is refused; --overwrite replaces every split of it (none survives
+    beside the new ones), and never a file prepare-units did not write."""
+    from speechgpt_fairseq.tasks.base import TaskDataError, load_split
+
+    (tmp_path / "a.km").write_text("1 2 3\n")
+    (tmp_path / "b.km").write_text("4 5\n")
+    out = tmp_path / "data"
+    assert speechgpt_main(["prepare-units", f"train={tmp_path / 'a.km'}", f"old={tmp_path / 'b.km'}", "--num-units", 50,
+                    "--out", out, "--no-progress"])[0] == 0
+    again = ["prepare-units", f"train={tmp_path / 'a.km'}", "--num-units", 20, "--out", out, "--no-progress"]
+    assert speechgpt_main(again) == (1, f"speechgpt prepare-units: error: {out}: exists and is not empty (pass "
+                                         f"--overwrite to replace it)")
+    assert Vocabulary.load(out).num_units == 50
+    assert sorted(p.name for p in out.iterdir()) == ["old.bin", "old.idx", "train.bin", "train.idx", "vocab.json"]
+
+    assert speechgpt_main(again + ["--overwrite"])[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "train.idx", "vocab.json"]
+    assert Vocabulary.load(out).num_units == 20 and read(out / "train") == [ids(Vocabulary.units_only(20), [1, 2, 3])]
+    with pytest.raises(TaskDataError, match="split 'old' not found"):
+        load_split(str(out), "old")
+
+    (out / "notes.txt").write_text("mine")
+    status, err = speechgpt_main(again + ["--overwrite"])
+    assert (status, err) == (1, f"speechgpt prepare-units: error: {out}: holds 'notes.txt', which this command does "
+                                f"not write; --overwrite replaces only a directory of its own output (move that "
+                                f"away, or write elsewhere)")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "train.bin").exists()
+
+
+def test_a_killed_commit_never_leaves_a_mix_a_reader_accepts(tmp_path, monkeypatch):
+    """Kill simulated inside the commit, right after its first rename: a reader (the tasks' load_data_vocabulary
+    and load_split) sees the old data directory, the new one, or none, never new splits beside old ones."""
+    from speechgpt_fairseq import atomic_files
+    from speechgpt_fairseq.tasks.base import TaskDataError, load_data_vocabulary, load_split
+
+    (tmp_path / "a.km").write_text("1 2 3\n4 4\n")
+    (tmp_path / "b.km").write_text("7 8 9 10 11 12 13\n9 10\n")  # longer: old .idx over new .bin reads
+    old_vocab, new_vocab = Vocabulary.units_only(50), Vocabulary.units_only(20)
+    expected = {"old": (50, [ids(old_vocab, [1, 2, 3]), ids(old_vocab, [4])]),
+                "new": (20, [ids(new_vocab, [7, 8, 9, 10, 11, 12, 13]), ids(new_vocab, [9, 10])])}
+
+    def reader_sees(out):
+        try:
+            seen = (load_data_vocabulary(str(out)).num_units, read(out / "train"))
+            load_split(str(out), "train")
+        except (TaskDataError, OSError, ValueError):
+            return "nothing"
+        return next((name for name, view in expected.items() if view == seen), f"a mix: {seen}")
+
+    class Killed(BaseException):
+        pass
+
+    real_replace, real_exchange = os.replace, atomic_files._exchange
+    for exchange in ("exchange", "two renames"):
+        out = tmp_path / exchange.replace(" ", "-")
+        prepare_units({"train": tmp_path / "a.km"}, out, old_vocab, show_progress=False)
+
+        def replace_then_die(src, dst):  # dies after the first rename of the commit, into `out` or beside it
+            real_replace(src, dst)
+            if Path(dst).parent in (tmp_path, out):
+                raise Killed
+
+        def exchange_then_die(a, b):
+            assert real_exchange(a, b)
+            raise Killed
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", replace_then_die)
+            m.setattr(atomic_files, "_exchange", exchange_then_die if exchange == "exchange" else lambda a, b: False)
+            with pytest.raises(Killed):
+                prepare_units({"train": tmp_path / "b.km"}, out, new_vocab, show_progress=False, overwrite=True)
+        assert reader_sees(out) in ("old", "new", "nothing"), exchange
+        if exchange == "exchange":
+            assert reader_sees(out) == "new"
+        prepare_units({"train": tmp_path / "b.km"}, out, new_vocab, show_progress=False, overwrite=True)
+        assert reader_sees(out) == "new"

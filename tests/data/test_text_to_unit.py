@@ -78,6 +78,44 @@ def test_text_only_split_is_source_only(tmp_path, pairs):
     assert (out / "train.unit").exists() and stats["speak"].written == {"texts": 2}
 
 
+def test_a_killed_export_never_leaves_texts_beside_units_of_another_export(tmp_path, pairs, monkeypatch):
+    """Kill simulated after the first file of the export landed: each split's pair of files is the old pair, the new
+    one, or incomplete (fairseq-preprocess stops on the missing file), never a new NAME.txt with an old NAME.unit.
+    The next export removes the killed one's scratch."""
+    import os
+
+    from speechgpt_fairseq import atomic_files
+
+    class Killed(BaseException):
+        pass
+
+    out = tmp_path / "out"
+    export_splits([Split("train", *pairs)], out, num_units=K, show_progress=False)
+    old = {suffix: (out / f"train.{suffix}").read_text() for suffix in ("txt", "unit")}
+    new_pairs = (write(tmp_path / "b.wrd", ["Other words", "here"]), write(tmp_path / "b.km", ["9 9 8", "4"]))
+    real_replace = os.replace
+
+    def replace_then_die(src, dst):
+        real_replace(src, dst)
+        if Path(dst).parent == out:
+            raise Killed
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    monkeypatch.setattr(atomic_files, "_process_gone", lambda pid: True)  # the killed run's process is gone
+    with monkeypatch.context() as m:
+        m.setattr(atomic_files.shutil, "rmtree", lambda *a, **k: None)  # a kill runs no clean-up either
+        with pytest.raises(Killed):
+            export_splits([Split("train", *new_pairs)], out, num_units=K, show_progress=False)
+    files = {suffix: (out / f"train.{suffix}").read_text() for suffix in ("txt", "unit")
+             if (out / f"train.{suffix}").exists()}
+    assert files == old or len(files) < 2, files
+    assert [p.name for p in out.iterdir() if p.name.startswith(".incomplete-")]  # what the kill left
+    monkeypatch.setattr(os, "replace", real_replace)
+    export_splits([Split("train", *new_pairs)], out, num_units=K, show_progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["train.txt", "train.unit"]
+    assert (out / "train.txt").read_text() == "o t h e r | w o r d s\nh e r e\n"
+
+
 @pytest.mark.parametrize("text,units,message", [
     (["a", "b", "c"], ["1", "2"], "train.wrd:3: {d}/train.km ends at line 2: the units and text files must have "
                                   "one line per utterance, in the same order"),

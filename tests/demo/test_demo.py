@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 import soundfile as sf
 
-from speechgpt_fairseq.demo.corpus import make_corpus
+from speechgpt_fairseq.demo.corpus import is_corpus_file, make_corpus
 from speechgpt_fairseq.demo.report import MEASURES, find_log, validation_curve
 
 SPLITS = ("train", "valid", "test")
@@ -99,3 +99,8 @@ def test_make_corpus_splits_and_manifests(tmp_path, espeak_ng):
     with pytest.raises(ValueError, match="exists and is not empty"):
         make_corpus(out, sentences=(2, 1, 1), renditions=(1, 1, 1), show_progress=False)
     assert len((out / "train.wrd").read_text().splitlines()) == 12  # the existing corpus is untouched
+    assert all(is_corpus_file(p.name) for p in out.iterdir())  # so that --overwrite replaces a corpus
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds 'notes.txt', which this command does not write"):
+        make_corpus(out, sentences=(2, 1, 1), renditions=(1, 1, 1), overwrite=True, show_progress=False)
+    assert len((out / "train.wrd").read_text().splitlines()) == 12 and (out / "notes.txt").read_text() == "mine"

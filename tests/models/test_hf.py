@@ -211,12 +211,28 @@ def test_overwrite_never_removes_an_input_or_the_working_directory(cli, make_hf_
 
 
 def test_existing_output_is_not_overwritten(make_hf_llama, sentencepiece_model, tmp_path):
+    """Not without --overwrite; with it, only an OUT holding nothing but what the verb writes."""
+    hf = make_hf_llama(tmp_path / "hf", sentencepiece_model)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="exists and is not empty"):
-        convert_hf(make_hf_llama(tmp_path / "hf", sentencepiece_model), out)
+        convert_hf(hf, out)
+    with pytest.raises(OutputExistsError, match="holds 'keep.txt', which this command does not write"):
+        convert_hf(hf, out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    convert_hf(hf, out, num_units=20)
+    convert_hf(hf, out, num_units=30, overwrite=True)  # its own earlier output is replaced
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "model.yaml", "vocab.json"]
+    assert Vocabulary.load(out).num_units == 30
+    exported = tmp_path / "exported"
+    export_hf(out / "checkpoint.pt", exported)
+    (exported / "README.md").write_text("mine")
+    with pytest.raises(OutputExistsError, match="holds 'README.md', which this command does not write"):
+        export_hf(out / "checkpoint.pt", exported, overwrite=True)
+    (exported / "README.md").unlink()
+    export_hf(out / "checkpoint.pt", exported, overwrite=True)
 
 
 def speechgpt_user_dir():

@@ -251,6 +251,37 @@ def test_outputs_are_not_replaced_unasked(tiny_hubert, hubert_kmeans, corpus, tm
     assert "--durations gives the run lengths of deduplicated units" in capsys.readouterr().err
 
 
+def test_a_kill_while_outputs_land_never_leaves_new_beside_old(mfcc_kmeans, corpus, tmp_path, monkeypatch, capsys):
+    """--overwrite over an earlier run, killed after the first output file landed: no file of the earlier run is
+    left beside one of the new run; the same command then finishes the outputs."""
+    out = tmp_path / "out"
+    args = ["speech2unit", str(corpus / "train.tsv"), "--kmeans", str(mfcc_kmeans), "--out", str(out), "--no-progress",
+            "--overwrite"]
+    assert main(args) == 0
+    new = {path.name: path.read_text() for path in out.iterdir()}
+    for name in new:
+        (out / name).write_text("earlier run\n")
+
+    class Killed(BaseException):
+        pass
+
+    real_replace = os.replace
+
+    def replace_then_die(src, dst):
+        real_replace(src, dst)
+        if Path(dst).parent == out:
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace_then_die)
+        with pytest.raises(Killed):
+            main(args)
+    landed = {path.name: path.read_text() for path in out.iterdir() if path.is_file()}
+    assert "earlier run\n" not in landed.values() and landed and all(new[n] == text for n, text in landed.items())
+    assert main(args[:-1]) == 0  # the same command, without --overwrite: it finishes what was killed
+    assert {path.name: path.read_text() for path in out.iterdir()} == new
+
+
 # ---------------------------------------------------------------------------------------------- resume
 
 def test_resume_after_kill_gives_the_uninterrupted_output(cli, tiny_hubert, hubert_kmeans, speech_dir, tmp_path):
