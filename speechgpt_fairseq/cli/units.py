@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.data.binarize import BinarizeError, prepare_units
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
 
@@ -55,7 +56,7 @@ class PrepareUnits:
         p.add_argument("--vocab", default=None,
                        help="vocab.json or a directory holding one (convert-hf's output), or a tokenizer "
                             "(tokenizer.model, tokenizer.json, Hugging Face directory); default: units only")
-        p.add_argument("--num-units", type=int, default=None, help="K (default 1000, or the vocabulary's)")
+        p.add_argument("--num-units", type=positive_int, default=None, help="K (default 1000, or the vocabulary's)")
         p.add_argument("--open", nargs="*", default=[], metavar="SPLIT",
                        help="splits of prompts: k-means lines are not closed with <eosp>")
         p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
