@@ -87,7 +87,8 @@ def build_fixtures(tmp: Path, code: Path) -> dict[str, Path]:
     gen = "".join(f"S-{i}\t[Human]: say {i}<eoh> [SpeechGPT]:\nT-{i}\tword {i}<eoa>\nH-{i}\t-0.5\tword {i}<eoa>\n"
                   f"D-{i}\t-0.5\tword {i}<eoa>\n" for i in range(4))
     f["gen"] = write(tmp / "gen.txt", gen + "Generate test with beam=1: BLEU4 = 0.00\n")
-    f["gen_truncated"] = write(tmp / "gen_truncated.txt", gen + "S-4\t[Human]: say 4<eoh> [SpeechGPT]:\nT-4\tword 4<eoa>\n")
+    f["gen_truncated"] = write(tmp / "gen_truncated.txt", gen + "S-4\t[Human]: say 4<eoh> [SpeechGPT]:\n"
+                                 "T-4\tword 4<eoa>\n")
     f["gen_concatenated"] = write(tmp / "gen_concatenated.txt", f["gen"].read_text() * 2)
     return f
 
@@ -154,8 +155,8 @@ def cases(tmp: Path, f: dict[str, Path], code: Path) -> list[Case]:
                                             "--vocab", str(f["model_dir"]), "--out", str(out("ps4"))],
              "nofield.jsonl:1", [out("ps4")]),
         Case("prepare-sft: units-only vocabulary", ["prepare-sft", f"train={tmp / 'bad.jsonl'}", "--vocab",
-                                                    str(REPO / "examples" / "stage1" / "data-bin"), "--num-units",
-                                                    "100", "--out", str(out("ps5"))], "", [out("ps5")]),
+                                                    str(tmp / "data_units_only"), "--out", str(out("ps5"))],
+             "units-only vocabulary", [out("ps5")]),
         Case("prepare-sft: empty file", ["prepare-sft", f"train={write(tmp / 'empty.jsonl', '')}", "--vocab",
                                          str(f["model_dir"]), "--out", str(out("ps6"))], "empty.jsonl", [out("ps6")]),
         Case("prepare-sft: only empty lines", ["prepare-sft", f"train={blank}",

@@ -18,7 +18,8 @@ def add_common_arguments(p: argparse.ArgumentParser, units: bool = True) -> None
         p.add_argument("--seed", type=int, default=0, help="random seed: the same input and seed give the same file")
         p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
                        help="merge runs of a repeated unit, as SpeechGPT does (default: on)")
-        p.add_argument("--num-units", type=positive_int, default=1000, help="K: unit ids must lie in 0..K-1 (default 1000)")
+        p.add_argument("--num-units", type=positive_int, default=1000,
+                       help="K: unit ids must lie in 0..K-1 (default 1000)")
     p.add_argument("--prefix", default="", help="system prefix of every example (default: none)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip malformed records and count them, instead of stopping at the first")

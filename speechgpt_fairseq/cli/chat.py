@@ -82,6 +82,10 @@ class Chat:
 
     @staticmethod
     def run(args) -> None:
+        if args.message is None:
+            # a conversation owns the terminal: progress notes (kernel choice, feature extractor, loading) would
+            # land between a question and its answer; warnings and errors still show
+            logging.getLogger().setLevel(logging.WARNING)
         decoding = Decoding() if args.greedy else Decoding(sample=True, temperature=args.temperature,
                                                            top_k=args.top_k, top_p=args.top_p)
         chat = SpokenChat.from_files(
@@ -95,9 +99,6 @@ class Chat:
                 show(answer(chat, question, out, args), args.json)
             return
         interactive = sys.stdin.isatty()
-        # the conversation owns the terminal: progress notes (kernel choice, feature extractor) would land between
-        # a question and its answer; warnings and errors still show
-        logging.getLogger().setLevel(logging.WARNING)
         while True:
             if interactive:
                 print("> ", end="", flush=True)

@@ -22,9 +22,11 @@ class MakeCorpus:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="corpus directory to write")
-        p.add_argument("--sentences", type=positive_int, nargs=3, default=[4000, 200, 100], metavar=("TRAIN", "VALID", "TEST"),
+        p.add_argument("--sentences", type=positive_int, nargs=3, default=[4000, 200, 100],
+                       metavar=("TRAIN", "VALID", "TEST"),
                        help="distinct sentences per split (default 4000 200 100)")
-        p.add_argument("--renditions", type=positive_int, nargs=3, default=[10, 2, 3], metavar=("TRAIN", "VALID", "TEST"),
+        p.add_argument("--renditions", type=positive_int, nargs=3, default=[10, 2, 3],
+                       metavar=("TRAIN", "VALID", "TEST"),
                        help="times each question of a split is spoken, in drawn voices and rates (default 10 2 3)")
         p.add_argument("--vocab-size", type=int, default=1000, help="pieces of the tokenizer (default 1000)")
         p.add_argument("--seed", type=int, default=1, help="seed of every draw (default 1)")

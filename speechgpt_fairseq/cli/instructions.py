@@ -107,7 +107,8 @@ class RoundTrip:
         p.add_argument("--instruction", default=None,
                        help="the ASR instruction (default: the first of the shipped ASR templates)")
         p.add_argument("--batch-size", type=positive_int, default=32, help="answers transcribed together (default 32)")
-        p.add_argument("--max-new-tokens", type=positive_int, default=64, help="longest transcript in tokens (default 64)")
+        p.add_argument("--max-new-tokens", type=positive_int, default=64,
+                       help="longest transcript in tokens (default 64)")
         p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -140,7 +140,8 @@ class FitExemplarVocoder:
         p.add_argument("--kmeans", required=True, help="the k-means model of the units")
         p.add_argument("--hubert", default=None, help="fairseq HuBERT checkpoint (default: MFCC features)")
         p.add_argument("--layer", type=int, default=11, help="HuBERT layer (default 11)")
-        p.add_argument("--max-files", type=positive_int, default=1000, help="fit on at most this many files (default 1000)")
+        p.add_argument("--max-files", type=positive_int, default=1000,
+                       help="fit on at most this many files (default 1000)")
         p.add_argument("--out", required=True, help="vocoder file to write (.npz)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

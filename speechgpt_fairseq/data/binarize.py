@@ -126,8 +126,8 @@ def read_unit_lines(path: str | os.PathLike, vocab: Vocabulary, stats: SplitStat
 
     k-means lines (one label per frame) have their runs of a repeated unit merged unless `dedup` is off, and
     become `<sosp> units <eosp>` (`<sosp> units` when `open_ended`, for prompts); unit strings are kept as they
-    are written, markers included, and must end with `<eosp>` unless `open_ended`. Empty lines are skipped and counted; anything else malformed raises
-    BinarizeError naming the file and line.
+    are written, markers included, and must end with `<eosp>` unless `open_ended`. Empty lines are skipped and
+    counted; anything else malformed raises BinarizeError naming the file and line.
     """
     sosp, eosp = vocab.index[SOSP], vocab.index[EOSP]
     fmt = None

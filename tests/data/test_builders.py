@@ -277,7 +277,8 @@ def test_an_empty_input_is_an_error_naming_it(tmp_path):
 
 def test_nothing_to_write_is_an_error(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"units": [99], "text": "a"}\n\n')
-    with pytest.raises(BuildError, match=r"out.jsonl: no examples to write \(1 records read from .*; unit out of range: 1, "
+    with pytest.raises(BuildError, match=r"out.jsonl: no examples to write \(1 records read from .*; unit out of "
+                                         r"range: 1, "
                                          r"empty line: 1\)"):
         cross_modal(tmp_path, manifest=tmp_path / "m.jsonl", skip_bad=True)
     assert not (tmp_path / "out.jsonl").exists()

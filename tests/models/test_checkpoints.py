@@ -25,5 +25,6 @@ def test_a_checkpoint_cut_short_is_named(tmp_path):
 
 def test_a_torch_file_that_is_no_fairseq_checkpoint_is_named(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "plain.pt")
-    with pytest.raises(CheckpointFileError, match=r"plain.pt: a PyTorch file, but not a fairseq checkpoint \(no .best_loss.\)"):
+    with pytest.raises(CheckpointFileError, match=r"plain.pt: a PyTorch file, but not a fairseq "
+                                                  r"checkpoint \(no .best_loss.\)"):
         load_for_inference(tmp_path / "plain.pt")
