@@ -43,8 +43,8 @@ class InstructionConfig(FairseqDataclass):
 
 
 def check_lengths(dataset, tokens_per_sample: int, where: str) -> None:
-    """Refuse, when the split loads, examples longer than tokens_per_sample: fairseq would stop at them only when
-    it first batches the split (for a validation split, after the first training interval)."""
+    """Refuse, when a validation or test split loads, examples longer than tokens_per_sample: fairseq would stop
+    at them only when it first batches the split, after the first training interval."""
     too_long = int((dataset.sizes > tokens_per_sample).sum())
     if too_long:
         raise TaskDataError(f"{where}: {too_long} of {len(dataset)} examples are longer than "
@@ -61,7 +61,7 @@ class InstructionTask(SpeechGPTTask):
             dataset = self._mixture(epoch)
         else:
             dataset = self._examples(split)
-        if not (self.cfg.pack and split == "train"):
+        if split != "train":  # fairseq skips long training examples with a warning; others it stops at, late
             check_lengths(dataset, self.cfg.tokens_per_sample, f"{self.cfg.data}: split {split}")
         if self.cfg.pack and split == "train":
             dataset = PackedInstructionDataset(dataset, self.cfg.tokens_per_sample, self.dictionary.pad(),
