@@ -227,7 +227,7 @@ def _vocabulary_refusal(filename: str, task, reason: str) -> str:
     from speechgpt_fairseq.data.vocabulary import Vocabulary, dictionary_difference
 
     try:  # mmap: the weights are not read, only the small task state
-        state = torch.load(filename, map_location="cpu", weights_only=False, mmap=True)
+        state = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
         theirs = Vocabulary.from_dict(state["task_state"]["vocabulary"]).to_dictionary()
     except Exception:  # a checkpoint without a readable vocabulary: the digest's reason is all there is
         return reason
