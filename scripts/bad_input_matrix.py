@@ -347,9 +347,9 @@ def cases(tmp: Path, f: dict[str, Path], code: Path) -> list[Case]:
         Case("t2u-import: missing file", ["t2u-import", str(tmp / "nogen.txt"), "--out", str(out("t2u6.units"))],
              "nogen.txt", [out("t2u6.units")]),
         # demo helpers
-        Case("make-corpus: --sentences 0", ["make-corpus", "--out", str(out("mc1")), "--sentences", "0"],
+        Case("make-corpus: --sentences 0", ["make-corpus", "--out", str(out("mc1")), "--sentences", "0", "10", "10"],
              "--sentences", [out("mc1")]),
-        Case("make-corpus: --renditions -1", ["make-corpus", "--out", str(out("mc2")), "--renditions", "-1"],
+        Case("make-corpus: --renditions -1", ["make-corpus", "--out", str(out("mc2")), "--renditions", "-1", "1", "1"],
              "--renditions", [out("mc2")]),
         Case("demo: --config-dir missing", ["demo", "--out", str(out("demo1")), "--config-dir", str(tmp / "nocfg")],
              "nocfg", []),
