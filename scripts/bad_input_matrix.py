@@ -4,8 +4,9 @@ Builds tiny inputs in a temporary directory (the shipped examples/corpus, a tiny
 convert-hf, tiny vocoders and k-means files), runs each bad case as a subprocess, as a user would, and sorts the
 outcome into one column:
 
-    clear      exit status != 0, no traceback, and the last line of stderr is a one-line `...: error: ...` (or, for
-               fairseq-hydra-train, our reason) that names what the case says it must name (a file, a record)
+    clear      exit status != 0, no traceback, and the last line of stderr is a one-line `...: error: ...` that
+               names what the case says it must name (a file, a record); for fairseq-hydra-train, whose errors
+               are tracebacks, the last exception line is ours (speechgpt_fairseq...) and names it
     unclear    exit status != 0 without a traceback, but the last line does not name it
     traceback  a Python traceback reached the user
     silent     exit status 0 on bad input (a case that asked for skipping must instead report the skip)
@@ -371,9 +372,9 @@ def cases(tmp: Path, f: dict[str, Path], code: Path) -> list[Case]:
              "model.decoder_kv_heads=2", "model.max_target_positions=256",
              f"checkpoint.finetune_from_model={f['model']}"]
     c += [Case("fairseq-hydra-train: checkpoint of another vocabulary (size)", train + [f"task.data={units_only}"],
-               "vocabulary", program="fairseq-hydra-train"),
+               "1106 tokens against 109", program="fairseq-hydra-train"),
           Case("fairseq-hydra-train: checkpoint of another vocabulary (same size)",
-               train + [f"task.data={swapped}"], "vocabulary", program="fairseq-hydra-train"),
+               train + [f"task.data={swapped}"], "'[Human]' against '[SpeechGPT]'", program="fairseq-hydra-train"),
           Case("fairseq-hydra-train: missing data directory", train + [f"task.data={tmp / 'nodata'}"], "nodata",
                program="fairseq-hydra-train")]
     return c
@@ -390,7 +391,7 @@ def classify(case: Case, proc: subprocess.CompletedProcess) -> tuple[str, str]:
     if "Traceback (most recent call last)" in proc.stderr and case.program == "speechgpt":
         return "traceback", last
     if case.program != "speechgpt" and proc.returncode != 0:  # fairseq's tools end with a traceback: our reason
-        last = next((line for line in reversed(lines) if "Error" in line.split(":")[0]), last)  # must be its last
+        last = next((line for line in reversed(lines) if re.match(r"[\w.]*(Error|Exception): ", line)), last)
         return ("clear" if case.names in last and "speechgpt_fairseq" in last else "traceback"), last
     if case.skip_report is not None:  # the user asked to skip the bad record: it must be skipped and reported
         ok = proc.returncode == 0 and case.skip_report in proc.stdout + proc.stderr
