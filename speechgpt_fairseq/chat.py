@@ -101,18 +101,18 @@ class SpokenChat:
             from speechgpt_fairseq.speech.exemplar_vocoder import ExemplarVocoder
 
             units_to_speech = ExemplarVocoder.load(vocoder)
-            if units_to_speech.num_units < num_units:
+            if units_to_speech.num_units != num_units:
                 raise ValueError(f"{vocoder}: the vocoder speaks {units_to_speech.num_units} units, but {model} "
-                                 f"writes {num_units}")
+                                 f"writes {num_units}: units of another k-means")
         elif (vocoder is None) != (vocoder_config is None):
             raise ValueError("a vocoder needs both its checkpoint and its config.json (or is an exemplar .npz)")
         elif vocoder is not None:
             from speechgpt_fairseq.speech.vocoder import UnitVocoder
 
             unit_vocoder = UnitVocoder.from_files(vocoder, vocoder_config, device=device)
-            if unit_vocoder.num_units < num_units:
+            if unit_vocoder.num_units != num_units:
                 raise ValueError(f"{vocoder_config}: the vocoder speaks {unit_vocoder.num_units} units, but "
-                                 f"{model} writes {num_units}")
+                                 f"{model} writes {num_units}: units of another k-means")
             unit_vocoder.check([0], speaker)  # a speaker is chosen when the vocoder needs one
 
             def units_to_speech(units: list[int]) -> np.ndarray:

@@ -12,6 +12,7 @@ import editdistance
 
 from speechgpt_fairseq.data.prompts import parse_response
 from speechgpt_fairseq.speech.units import dedup_units
+from speechgpt_fairseq.text_files import not_utf8, open_text
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -21,10 +22,18 @@ class GenerateOutputError(ValueError):
 
 
 def read_generate_output(path: str | os.PathLike) -> dict[int, dict[str, str]]:
-    """{sample id: {"prompt", "reference", "hypothesis"}} from fairseq-generate's S-/T-/D- lines (first D per id)."""
+    """{sample id: {"prompt", "reference", "hypothesis"}} from fairseq-generate's S-/T-/D- lines (first D per id).
+
+    Output that is cut short (a reference without its hypothesis) or that holds two runs (a sample's reference
+    twice) is refused: either would score a different set of examples than the split."""
     records: dict[int, dict[str, str]] = defaultdict(dict)
-    with open(path, encoding="utf-8") as f:
+    reference_line: dict[int, int] = {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (expected the output of fairseq-generate)")
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
+            if bad := not_utf8(line):
+                raise GenerateOutputError(f"{path}:{lineno}: {bad}")
             kind, _, rest = line.rstrip("\n").partition("-")
             if kind not in ("S", "T", "D") or "\t" not in rest:
                 continue
@@ -32,11 +41,23 @@ def read_generate_output(path: str | os.PathLike) -> dict[int, dict[str, str]]:
             if not key.isdigit():
                 continue
             name = {"S": "prompt", "T": "reference", "D": "hypothesis"}[kind]
+            if kind == "T":
+                if int(key) in reference_line:
+                    raise GenerateOutputError(f"{path}:{lineno}: sample {key} again (its reference is also on line "
+                                              f"{reference_line[int(key)]}): two generate outputs in one file? Score "
+                                              f"each on its own")
+                reference_line[int(key)] = lineno
             if kind == "D":
                 if len(fields) < 2:
                     raise GenerateOutputError(f"{path}:{lineno}: a D- line needs a score and a text")
                 fields = fields[1:]
             records[int(key)].setdefault(name, fields[0] if fields else "")
+    unanswered = sorted(k for k, r in records.items() if "reference" in r and "hypothesis" not in r)
+    if unanswered:
+        more = f" and {len(unanswered) - 1} more" if len(unanswered) > 1 else ""
+        raise GenerateOutputError(f"{path}:{reference_line[unanswered[0]]}: sample {unanswered[0]}{more} has a "
+                                  f"reference (T-) but no hypothesis (D-): the output is cut short (was "
+                                  f"fairseq-generate stopped, or is it still running?)")
     scored = {k: r for k, r in records.items() if "reference" in r and "hypothesis" in r}
     if not scored:
         raise GenerateOutputError(f"{path}: no T-/D- line pairs; expected the output of fairseq-generate on a "

@@ -7,6 +7,7 @@ proves each one (the multi-process ones, with tests/test_distributed.py's traini
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import types
 
@@ -194,6 +195,47 @@ def _no_tensorboardx_advice() -> None:
         lambda record: "tensorboardX" not in record.getMessage())
 
 
+def _our_checkpoint_refusal_last() -> None:
+    """fairseq's trainer turns any error loading a checkpoint's weights into "Cannot load model parameters from
+    checkpoint ...; please ensure that the architectures match", the last line a user reads. When the error is
+    our refusal (models/llama.py: another vocabulary, another shape) it is raised instead, naming the checkpoint
+    and, for a vocabulary, the tokens that differ (read from the vocabulary the checkpoint carries)."""
+    from fairseq.trainer import Trainer
+
+    original = Trainer.load_checkpoint
+
+    @functools.wraps(original)
+    def load_checkpoint(self, filename, *args, **kwargs):
+        from speechgpt_fairseq.models.llama import ModelConfigError, VocabularyMismatchError
+
+        try:
+            return original(self, filename, *args, **kwargs)
+        except Exception as e:
+            ours = e if isinstance(e, ModelConfigError) else e.__cause__ or e.__context__
+            if not isinstance(ours, ModelConfigError):
+                raise
+            reason = str(ours)
+            if isinstance(ours, VocabularyMismatchError):
+                reason = _vocabulary_refusal(filename, self.task, reason)
+            raise type(ours)(f"{filename}: {reason}") from None
+
+    Trainer.load_checkpoint = load_checkpoint
+
+
+def _vocabulary_refusal(filename: str, task, reason: str) -> str:
+    """`reason`, with what differs between the vocabulary `filename` carries and the task's data directory."""
+    from speechgpt_fairseq.data.vocabulary import Vocabulary, dictionary_difference
+
+    try:  # mmap: the weights are not read, only the small task state
+        state = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
+        theirs = Vocabulary.from_dict(state["task_state"]["vocabulary"]).to_dictionary()
+    except Exception:  # a checkpoint without a readable vocabulary: the digest's reason is all there is
+        return reason
+    data = getattr(getattr(task, "cfg", None), "data", "the data directory")
+    return (f"its vocabulary differs from {data}'s vocab.json ({dictionary_difference(theirs, task.dictionary)}); "
+            f"binarize the data with the checkpoint's vocab.json (speechgpt prepare-units / prepare-sft --vocab ...)")
+
+
 def apply() -> None:
     """Apply every fix once; `speechgpt_fairseq.register()` calls this."""
     global _applied
@@ -207,4 +249,5 @@ def apply() -> None:
     _atomic_copies()
     _torchrun_without_gpus()
     _ddp_on_cpu()
+    _our_checkpoint_refusal_last()
     _applied = True

@@ -25,6 +25,16 @@ def com_model(cli, tmp_path_factory) -> Path:
     return cwd / "checkpoints" / "stage3-tiny" / "checkpoint_last.pt"
 
 
+@pytest.fixture(scope="module")
+def converted_k100(make_hf_llama, sentencepiece_model, tmp_path_factory) -> Path:
+    """A random tiny LLaMA converted with K=100 units: loads in a second, answers nonsense."""
+    from speechgpt_fairseq.models.hf import convert_hf
+
+    root = tmp_path_factory.mktemp("k100")
+    return convert_hf(make_hf_llama(root / "hf", sentencepiece_model, kv_heads=2), root / "fs",
+                      num_units=100) / "checkpoint.pt"
+
+
 def chat(cli, model, *args, **kwargs):
     return cli("speechgpt", "chat", "--model", model, "--greedy", *args, **kwargs)
 
@@ -207,3 +217,23 @@ def test_multi_turn_chat_keeps_the_conversation_in_one_cache(com_model):
     expected = generator.generate_ids([whole], max_new_tokens=40, decoding=Decoding())[0]
     assert generator.response_ids(answers[1]) == expected
     assert second.response == generator.text(expected) and second.response
+
+
+def test_a_vocoder_of_another_k_is_refused(converted_k100, make_tiny_vocoder, tmp_path):
+    """A vocoder of more units than the model writes speaks other units' sounds: refused, as one of fewer."""
+    from speechgpt_fairseq.speech.exemplar_vocoder import ExemplarVocoder
+
+    checkpoint, config = make_tiny_vocoder(tmp_path / "k200", num_units=200)
+    with pytest.raises(ValueError, match=r"config.json: the vocoder speaks 200 units, but \S+ writes 100: units "
+                                         r"of another k-means"):
+        SpokenChat.from_files(converted_k100, vocoder=checkpoint, vocoder_config=config, speaker=0)
+    ExemplarVocoder(np.zeros((200, 400)), np.ones(200), 160).save(tmp_path / "k200.npz")
+    with pytest.raises(ValueError, match=r"k200.npz: the vocoder speaks 200 units, but \S+ writes 100"):
+        SpokenChat.from_files(converted_k100, vocoder=tmp_path / "k200.npz")
+
+
+def test_interactive_chat_prints_no_info_lines(cli, converted_k100, tmp_path):
+    """Log lines (kernel choice, loading) would land between a question and its answer in the terminal."""
+    run = chat(cli, converted_k100, "--max-new-tokens", 4, "--out", tmp_path, input="hello\nquit\n")
+    assert run.stdout.count("answer:") == 1
+    assert " | INFO | " not in run.stderr, run.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from speechgpt_fairseq.atomic_files import check_output_file
+from speechgpt_fairseq.cli.main import positive_int, probability
 from speechgpt_fairseq.data.builders import (DEFAULT_MIX, BuildStats, build_com, build_cross_modal,
                                              build_text_instructions, load_templates)
 from speechgpt_fairseq.data.prompts import COM_FORMATS
@@ -18,7 +19,8 @@ def add_common_arguments(p: argparse.ArgumentParser, units: bool = True) -> None
         p.add_argument("--seed", type=int, default=0, help="random seed: the same input and seed give the same file")
         p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
                        help="merge runs of a repeated unit, as SpeechGPT does (default: on)")
-        p.add_argument("--num-units", type=int, default=1000, help="K: unit ids must lie in 0..K-1 (default 1000)")
+        p.add_argument("--num-units", type=positive_int, default=1000,
+                       help="K: unit ids must lie in 0..K-1 (default 1000)")
     p.add_argument("--prefix", default="", help="system prefix of every example (default: none)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip malformed records and count them, instead of stopping at the first")
@@ -48,7 +50,7 @@ class BuildCrossModal:
         p.add_argument("--units", metavar="FILE", help="units file, one utterance per line (with --text)")
         p.add_argument("--text", metavar="FILE", help="transcripts, one per line, aligned with --units")
         p.add_argument("--manifest", metavar="FILE", help="TSV (header with units, text) or JSON lines instead")
-        p.add_argument("--asr-prob", type=float, default=0.5, help="probability that a pair becomes ASR (0.5)")
+        p.add_argument("--asr-prob", type=probability, default=0.5, help="probability that a pair becomes ASR (0.5)")
         p.add_argument("--asr-templates", metavar="FILE", help="ASR instructions, one per line (default: shipped)")
         p.add_argument("--tts-templates", metavar="FILE", help="TTS instructions, one per line (default: shipped)")
         add_common_arguments(p)

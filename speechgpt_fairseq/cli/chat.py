@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 from pathlib import Path
 
+from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.chat import PROMPT_STYLES, ChatTurn, SpokenChat
 from speechgpt_fairseq.data.instructions import read_system_prefix
 from speechgpt_fairseq.models.generation import SPEECHGPT_SAMPLING, Decoding
@@ -70,7 +72,7 @@ class Chat:
         p.add_argument("--top-k", type=int, default=SPEECHGPT_SAMPLING.top_k)
         p.add_argument("--top-p", type=float, default=SPEECHGPT_SAMPLING.top_p)
         p.add_argument("--seed", type=int, default=None, help="seed of the sampling, for repeatable answers")
-        p.add_argument("--max-new-tokens", type=int, default=None,
+        p.add_argument("--max-new-tokens", type=positive_int, default=None,
                        help="longest answer in tokens (default 512; 2048 with --prompt speechgpt)")
         p.add_argument("--min-new-tokens", type=int, default=None,
                        help="no end of answer before this many tokens (default 0; 10 with --prompt speechgpt)")
@@ -80,6 +82,10 @@ class Chat:
 
     @staticmethod
     def run(args) -> None:
+        if args.message is None:
+            # a conversation owns the terminal: progress notes (kernel choice, feature extractor, loading) would
+            # land between a question and its answer; warnings and errors still show
+            logging.getLogger().setLevel(logging.WARNING)
         decoding = Decoding() if args.greedy else Decoding(sample=True, temperature=args.temperature,
                                                            top_k=args.top_k, top_p=args.top_p)
         chat = SpokenChat.from_files(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.models.hf import convert_hf, export_hf, import_peft
 
 
@@ -18,7 +19,7 @@ class ConvertHF:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("hf_dir", help="Hugging Face model directory")
         p.add_argument("out", help="output directory (must not exist or be empty, unless --overwrite)")
-        p.add_argument("--num-units", type=int, default=None,
+        p.add_argument("--num-units", type=positive_int, default=None,
                        help="K, the number of speech units to add (default 1000; taken from the tokenizer when it "
                             "already has them)")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")

@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.demo.corpus import make_corpus
 
 
@@ -21,9 +22,11 @@ class MakeCorpus:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="corpus directory to write")
-        p.add_argument("--sentences", type=int, nargs=3, default=[4000, 200, 100], metavar=("TRAIN", "VALID", "TEST"),
+        p.add_argument("--sentences", type=positive_int, nargs=3, default=[4000, 200, 100],
+                       metavar=("TRAIN", "VALID", "TEST"),
                        help="distinct sentences per split (default 4000 200 100)")
-        p.add_argument("--renditions", type=int, nargs=3, default=[10, 2, 3], metavar=("TRAIN", "VALID", "TEST"),
+        p.add_argument("--renditions", type=positive_int, nargs=3, default=[10, 2, 3],
+                       metavar=("TRAIN", "VALID", "TEST"),
                        help="times each question of a split is spoken, in drawn voices and rates (default 10 2 3)")
         p.add_argument("--vocab-size", type=int, default=1000, help="pieces of the tokenizer (default 1000)")
         p.add_argument("--seed", type=int, default=1, help="seed of every draw (default 1)")
@@ -72,6 +75,8 @@ class Demo:
         from speechgpt_fairseq.demo.pipeline import DemoPipeline, Sizes
         from speechgpt_fairseq.demo.report import MEASURES, write_report
 
+        if args.config_dir is not None and not Path(args.config_dir).is_dir():
+            raise FileNotFoundError(f"{args.config_dir}: no such directory (--config-dir: the demo's stage configs)")
         pipeline = DemoPipeline(args.out, Sizes.quick() if args.quick else Sizes(), hubert=args.hubert,
                                 layer=args.layer, config_dir=args.config_dir, workers=args.workers)
         start = time.perf_counter()

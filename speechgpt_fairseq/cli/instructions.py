@@ -7,6 +7,7 @@ from pathlib import Path
 
 from speechgpt_fairseq.atomic_files import atomic_file, check_output_file
 from speechgpt_fairseq.cli.units import add_data_dir_arguments, check_data_dir, load_vocabulary
+from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.data.instructions import prepare_instructions
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE
 from speechgpt_fairseq.evaluation import read_generate_output, round_trip, score_records
@@ -31,7 +32,7 @@ class PrepareSFT:
         p.add_argument("--vocab", required=True,
                        help="vocab.json or a directory holding one (convert-hf's output, a stage-1 data directory), "
                             "or a tokenizer (tokenizer.model, tokenizer.json, Hugging Face directory)")
-        p.add_argument("--num-units", type=int, default=None, help="K (default: the vocabulary's)")
+        p.add_argument("--num-units", type=positive_int, default=None, help="K (default: the vocabulary's)")
         p.add_argument("--skip-bad", action="store_true",
                        help="skip malformed lines and count them by reason, instead of stopping")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -47,7 +48,7 @@ class PrepareSFT:
                                           show_progress=not args.no_progress, overwrite=args.overwrite,
                                           inputs=[args.vocab]):
             skipped = ", ".join(f"skipped {n}: {reason}" for reason, n in stats.skipped.items()) or "nothing skipped"
-            print(f"{stats.path}: {stats.records} examples, {stats.tokens} tokens ({skipped})")
+            print(f"{stats.path}: {stats.records} examples, {stats.tokens} tokens, {stats.lengths()} ({skipped})")
         print(f"wrote {args.out} ({len(vocab)} tokens in {Path(args.out) / VOCAB_FILE})")
 
 
@@ -115,8 +116,9 @@ class RoundTrip:
         p.add_argument("--model", required=True, help="checkpoint of ours whose ASR transcribes (e.g. stage 2's)")
         p.add_argument("--instruction", default=None,
                        help="the ASR instruction (default: the first of the shipped ASR templates)")
-        p.add_argument("--batch-size", type=int, default=32, help="answers transcribed together (default 32)")
-        p.add_argument("--max-new-tokens", type=int, default=64, help="longest transcript in tokens (default 64)")
+        p.add_argument("--batch-size", type=positive_int, default=32, help="answers transcribed together (default 32)")
+        p.add_argument("--max-new-tokens", type=positive_int, default=64,
+                       help="longest transcript in tokens (default 64)")
         p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -32,6 +32,28 @@ VERBS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes (K, clusters, sentences, tokens): a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type of a probability: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability (a number from 0 to 1)")
+    return value
+
+
 def verb_class(name: str):
     module, cls = VERBS[name]
     return getattr(importlib.import_module(f"speechgpt_fairseq.cli.{module}"), cls)

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speechgpt_fairseq.atomic_files import OutputExistsError, atomic_file, check_output_file, check_writable
+from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.speech.audio import SAMPLE_RATE, AudioEntry, AudioError, list_audio
 from speechgpt_fairseq.speech.hubert import MAX_CHUNK
 from speechgpt_fairseq.speech.kmeans import FAIRSEQ_KMEANS_OPTIONS, fit_kmeans, save_kmeans
@@ -281,7 +282,8 @@ class LearnKmeans:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         add_feature_arguments(p)
         p.add_argument("--out", required=True, metavar="FILE", help="k-means file to write (joblib), e.g. km1000.bin")
-        p.add_argument("--n-clusters", type=int, default=1000, help="number of clusters K (default 1000, SpeechGPT's)")
+        p.add_argument("--n-clusters", type=positive_int, default=1000,
+                       help="number of clusters K (default 1000, SpeechGPT's)")
         p.add_argument("--percent", type=float, default=-1,
                        help="fraction (0, 1] of the files to fit on, drawn with --seed; -1: all (default)")
         p.add_argument("--seed", type=int, default=0, help="seed of the file sample and of k-means (default 0)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import speechgpt_fairseq
 from speechgpt_fairseq.atomic_files import check_output_file
+from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.data.text_to_unit import (SOURCE_LANG, TARGET_LANG, UNIT_FORMATS, Split, TextToUnitError,
                                                  export_splits, read_hypotheses, write_units)
 from speechgpt_fairseq.speech.units import dedup_units
@@ -118,7 +119,8 @@ class T2UExport:
         p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
                        help="merge runs of a repeated unit, as SpeechGPT does (default: on)")
         p.add_argument("--keep-case", action="store_true", help="keep upper case (default: lowercase the text)")
-        p.add_argument("--num-units", type=int, default=1000, help="K: unit ids must lie in 0..K-1 (default 1000)")
+        p.add_argument("--num-units", type=positive_int, default=1000,
+                       help="K: unit ids must lie in 0..K-1 (default 1000)")
         p.add_argument("--skip-bad", action="store_true",
                        help="skip bad lines and count them, instead of stopping at the first")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from speechgpt_fairseq.atomic_files import check_output_dir
 from speechgpt_fairseq.data.binarize import BinarizeError, is_data_file, prepare_units
+from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
 
 
@@ -74,9 +75,9 @@ class PrepareUnits:
         p.add_argument("--vocab", default=None,
                        help="vocab.json or a directory holding one (convert-hf's output), or a tokenizer "
                             "(tokenizer.model, tokenizer.json, Hugging Face directory); default: units only")
-        p.add_argument("--num-units", type=int, default=None, help="K (default 1000, or the vocabulary's)")
+        p.add_argument("--num-units", type=positive_int, default=None, help="K (default 1000, or the vocabulary's)")
         p.add_argument("--open", nargs="*", default=[], metavar="SPLIT",
-                       help="splits of prompts: k-means lines are not closed with <eosp>")
+                       help="splits of prompts: k-means lines are not closed with <eosp>, unit strings may lack it")
         p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
                        help="merge runs of a repeated unit in k-means label lines (default; --no-dedup keeps frames)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")

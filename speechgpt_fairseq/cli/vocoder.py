@@ -9,8 +9,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from speechgpt_fairseq.atomic_files import check_output_file, check_writable, remove_stray_files
+from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.speech.units import UnitFormatError, detect_unit_format, parse_kmeans_labels, parse_unit_string
 from speechgpt_fairseq.speech.vocoder import UnitVocoder, write_wav
+from speechgpt_fairseq.text_files import not_utf8, open_text
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +25,8 @@ def parse_units(line: str, fmt: str, num_units: int) -> list[int]:
     """Units of one utterance: k-means labels `12 7 301` or a unit string `<sosp><12><7><301><eosp>`."""
     if not line.strip():
         raise UnitFormatError("empty line: expected the units of one utterance")
+    if bad := not_utf8(line):
+        raise UnitFormatError(bad)
     units = parse_kmeans_labels(line, num_units) if fmt == "kmeans" else parse_unit_string(line, num_units)[0]
     if not units:
         raise UnitFormatError("no units in this line")
@@ -50,12 +54,10 @@ def read_utterances(lines: list[str], source: str, num_units: int, skip_bad: boo
 
 
 def read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise UnitsInputError(f"{path}: not UTF-8 text ({e})") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open_text(path) as f:  # a line that is not UTF-8 is reported with its number by parse_units
+        return f.read().splitlines()
 
 
 def wav_names(ids: Path | None, count: int) -> list[str]:
@@ -109,6 +111,8 @@ class Unit2Speech:
         vocoder.check([0], args.speaker)  # speaker errors before any work
         source = "--units" if args.input is None else args.input
         lines = [args.units] if args.input is None else read_lines(Path(args.input))
+        if not any(line.strip() for line in lines):
+            raise UnitsInputError(f"{source}: no units to speak (an empty input; nothing written)")
         skipped: Counter = Counter()
         utterances = read_utterances(lines, source, vocoder.num_units, args.skip_bad, skipped)
         names = wav_names(None if args.ids is None else Path(args.ids), len(lines))
@@ -139,7 +143,8 @@ class FitExemplarVocoder:
         p.add_argument("--kmeans", required=True, help="the k-means model of the units")
         p.add_argument("--hubert", default=None, help="fairseq HuBERT checkpoint (default: MFCC features)")
         p.add_argument("--layer", type=int, default=11, help="HuBERT layer (default 11)")
-        p.add_argument("--max-files", type=int, default=1000, help="fit on at most this many files (default 1000)")
+        p.add_argument("--max-files", type=positive_int, default=1000,
+                       help="fit on at most this many files (default 1000)")
         p.add_argument("--out", required=True, help="vocoder file to write (.npz)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

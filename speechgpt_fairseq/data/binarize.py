@@ -20,10 +20,14 @@ import numpy as np
 
 from speechgpt_fairseq.atomic_files import atomic_dir
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
+from speechgpt_fairseq.text_files import not_utf8, open_text
 from speechgpt_fairseq.speech.units import (EOSP, SOSP, UnitFormatError, dedup_units, detect_unit_format,
                                             parse_kmeans_labels, parse_unit_string)
 
 _CHUNK = 4096  # records buffered before a write
+# lengths binarization counts the records above: the default task.tokens_per_sample of the instruction tasks
+# (cross_modal_sft 512, com_sft 1024), which refuse longer examples when they load a split
+LENGTH_MARKS = (512, 1024)
 
 
 # read(split name, input path, stats) -> records of parallel token lists; channels(dir, name) -> [(prefix, vocab size)]
@@ -57,6 +61,8 @@ class IndexedDatasetWriter:
         self._pending: list[np.ndarray] = []
         self.num_records = 0
         self.num_tokens = 0
+        self.longest = 0
+        self.longer = dict.fromkeys(LENGTH_MARKS, 0)  # records longer than each mark
 
     def add(self, ids: list[int]) -> None:
         self._pending.append(np.asarray(ids, dtype=self.dtype))
@@ -71,6 +77,9 @@ class IndexedDatasetWriter:
         self._sizes.write(sizes.tobytes())
         self.num_records += len(sizes)
         self.num_tokens += int(sizes.sum())
+        self.longest = max(self.longest, int(sizes.max()))
+        for mark in LENGTH_MARKS:
+            self.longer[mark] += int((sizes > mark).sum())
         self._pending.clear()
 
     def close(self) -> None:
@@ -107,7 +116,15 @@ class SplitStats:
     path: str
     records: int = 0
     tokens: int = 0
+    longest: int = 0
+    longer: dict[int, int] = field(default_factory=dict)  # records longer than each of LENGTH_MARKS
     skipped: dict[str, int] = field(default_factory=dict)
+
+    def lengths(self) -> str:
+        """`longest 812 tokens; 3 longer than 512, none longer than 1024`: what a task's tokens_per_sample
+        must allow."""
+        over = ", ".join(f"{n or 'none'} longer than {mark}" for mark, n in self.longer.items())
+        return f"longest {self.longest} tokens" + (f"; {over}" if over else "")
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -120,22 +137,27 @@ def read_unit_lines(path: str | os.PathLike, vocab: Vocabulary, stats: SplitStat
 
     k-means lines (one label per frame) have their runs of a repeated unit merged unless `dedup` is off, and
     become `<sosp> units <eosp>` (`<sosp> units` when `open_ended`, for prompts); unit strings are kept as they
-    are written, markers included. Empty lines are skipped and counted; anything else malformed raises
-    BinarizeError naming the file and line.
+    are written, markers included, and must end with `<eosp>` unless `open_ended`. Empty lines are skipped and
+    counted; anything else malformed raises BinarizeError naming the file and line.
     """
     sosp, eosp = vocab.index[SOSP], vocab.index[EOSP]
     fmt = None
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 stats.skip("empty line")
                 continue
+            if bad := not_utf8(line):
+                raise BinarizeError(f"{path}:{lineno}: {bad}")
             fmt = fmt or detect_unit_format(line)
             try:
                 if fmt == "kmeans":
                     units, closed = parse_kmeans_labels(line, vocab.num_units), not open_ended
                 else:
                     units, closed = parse_unit_string(line, vocab.num_units)
+                    if not closed and not open_ended:
+                        raise UnitFormatError(f"a unit string without the closing {EOSP} (an utterance of a "
+                                              f"training split ends with it; name a split of prompts in --open)")
             except UnitFormatError as e:
                 kind = "k-means labels" if fmt == "kmeans" else "SpeechGPT unit strings"
                 raise BinarizeError(f"{path}:{lineno}: {e} (this file holds {kind}, detected from its first line)") \
@@ -162,7 +184,9 @@ def write_split(records: Iterable[tuple[list[int], ...]], channels: list[tuple[s
         raise
     for writer in writers:
         writer.close()
-    stats.records, stats.tokens = writers[0].num_records, writers[0].num_tokens
+    first = writers[0]
+    stats.records, stats.tokens, stats.longest, stats.longer = (first.num_records, first.num_tokens, first.longest,
+                                                                 dict(first.longer))
 
 
 def binarize_splits(splits: dict[str, str | list[str]], out: str | os.PathLike, vocab: Vocabulary, read: ReadSplit,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from speechgpt_fairseq.atomic_files import atomic_file
+from speechgpt_fairseq.text_files import not_utf8, open_text
 from speechgpt_fairseq.data.prompts import COM_FORMATS, Example, chain_of_modality, cross_modal, text_instruction
 from speechgpt_fairseq.speech.units import (UnitFormatError, dedup_units, detect_unit_format, format_kmeans_labels,
                                             format_unit_string, parse_kmeans_labels, parse_unit_string)
@@ -110,14 +111,16 @@ def read_aligned(units_path: str | os.PathLike, text_path: str | os.PathLike, st
     """(units, text) records from a units file and a transcript file, line by line."""
     _check_file(units_path, "units")
     _check_file(text_path, "transcripts")
-    with (open(units_path, encoding="utf-8-sig") as fu,
-          open(text_path, encoding="utf-8-sig") as ft):
+    with open_text(units_path, "utf-8-sig") as fu, open_text(text_path, "utf-8-sig") as ft:
         for lineno, (units, text) in enumerate(zip_longest(fu, ft, fillvalue=""), 1):
             if not units.strip() and not text.strip():
                 stats.skip("empty line")
                 continue
             stats.read += 1
-            if not units or not text:
+            bad = [(path, why) for path, line in ((units_path, units), (text_path, text)) if (why := not_utf8(line))]
+            if bad:
+                stats.reject(BadRecord(f"{bad[0][0]}:{lineno}", "not UTF-8", bad[0][1]))
+            elif not units or not text:
                 ended, other = (units_path, text_path) if not units else (text_path, units_path)
                 stats.reject(BadRecord(f"{other}:{lineno}", "unpaired line", f"{ended} ends at line {lineno - 1}: the "
                                   f"units and text files must have one line per utterance, in the same order"))
@@ -130,7 +133,7 @@ def read_aligned(units_path: str | os.PathLike, text_path: str | os.PathLike, st
 
 def _manifest_kind(path: str | os.PathLike) -> str:
     """"jsonl" when the first non-blank line is a JSON object, else "tsv"."""
-    with open(path, encoding="utf-8-sig") as f:
+    with open_text(path, "utf-8-sig") as f:
         for line in f:
             if line.strip():
                 return "jsonl" if line.lstrip().startswith("{") else "tsv"
@@ -149,8 +152,8 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...], optional: tup
     for file in aligned.values():
         _check_file(file, "units file")
     with ExitStack() as stack:
-        f = stack.enter_context(open(path, encoding="utf-8-sig"))
-        columns = {k: stack.enter_context(open(file, encoding="utf-8")) for k, file in aligned.items()}
+        f = stack.enter_context(open_text(path, "utf-8-sig"))
+        columns = {k: stack.enter_context(open_text(file)) for k, file in aligned.items()}
         for lineno, line in enumerate(f, 1):
             values = {k: (f"{aligned[k]}:{lineno}", _aligned_line(c, aligned[k], path, lineno))
                       for k, c in columns.items()}
@@ -160,6 +163,9 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...], optional: tup
             stats.read += 1
             where = f"{path}:{lineno}"
             try:
+                bad = [(w, why) for w, text in [(where, line), *values.values()] if (why := not_utf8(text))]
+                if bad:
+                    raise BadRecord(bad[0][0], "not UTF-8", bad[0][1])
                 obj = _json_object(line, where, tuple(k for k in required if k not in aligned))
             except BadRecord as bad:
                 stats.reject(bad)
@@ -197,11 +203,17 @@ def read_tsv(path: str | os.PathLike, required: tuple[str, ...], stats: BuildSta
     """Records from a tab-separated file whose first non-blank line is a header naming the columns."""
     _check_file(path, "manifest")
     header: list[str] | None = None
-    with open(path, encoding="utf-8-sig") as f:
+    with open_text(path, "utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 stats.skip("empty line")
                 continue
+            if (bad := not_utf8(line)) and header is not None:
+                stats.read += 1
+                stats.reject(BadRecord(f"{path}:{lineno}", "not UTF-8", bad))
+                continue
+            if bad:
+                raise BuildError(f"{path}:{lineno}: {bad} (the header)")
             cells = line.rstrip("\r\n").split("\t")
             if header is None:
                 header = [c.strip() for c in cells]
@@ -358,15 +370,17 @@ def com_examples(records: Iterable[Record], mix: dict[str, float], stats: BuildS
         yield Example(prefix, chain_of_modality(fmt, text_i, text_r, speech.get("units_i"), speech.get("units_r")))
 
 
-def write_examples(examples: Iterable[Example], out: str | os.PathLike, stats: BuildStats) -> None:
-    """Write JSON lines to `out` whole or not at all; a build that writes no example is an error."""
+def write_examples(examples: Iterable[Example], out: str | os.PathLike, stats: BuildStats,
+                   source: str | os.PathLike = "the input") -> None:
+    """Write JSON lines to `out` whole or not at all; a build that writes no example (read from `source`) is an
+    error: an empty output is never written."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for example in examples:
             f.write(json.dumps(example.to_json(), ensure_ascii=False) + "\n")
         if not sum(stats.written.values()):
             skipped = ", ".join(f"{reason}: {n}" for reason, n in stats.skipped.items()) or "nothing skipped"
-            raise BuildError(f"{out}: no examples to write ({stats.read} records read; {skipped})")
+            raise BuildError(f"{out}: no examples to write ({stats.read} records read from {source}; {skipped})")
     logger.debug("wrote %s: %s", out, stats.written)
 
 
@@ -393,7 +407,7 @@ def build_cross_modal(out: str | os.PathLike, *, units: str | os.PathLike | None
     examples = cross_modal_examples(_progress(records, Path(source).name, show_progress),
                                     asr_templates or shipped_templates("asr"),
                                     tts_templates or shipped_templates("tts"), stats, **options)
-    write_examples(examples, out, stats)
+    write_examples(examples, out, stats, source)
     return stats
 
 
@@ -404,7 +418,7 @@ def build_text_instructions(manifest: str | os.PathLike, out: str | os.PathLike,
     stats = BuildStats(skip_bad=skip_bad)
     records = read_jsonl(manifest, ("instruction", "output"), ("input",), stats)
     write_examples(text_instruction_examples(_progress(records, Path(manifest).name, show_progress), stats, prefix),
-                   out, stats)
+                   out, stats, manifest)
     return stats
 
 
@@ -418,5 +432,5 @@ def build_com(manifest: str | os.PathLike, out: str | os.PathLike, mix: dict[str
     aligned = {k: v for k, v in (("units_i", units_i), ("units_r", units_r)) if v is not None}
     records = read_jsonl(manifest, ("text_i", "text_r"), ("units_i", "units_r"), stats, aligned)
     write_examples(com_examples(_progress(records, Path(manifest).name, show_progress), mix, stats, **options),
-                   out, stats)
+                   out, stats, manifest)
     return stats

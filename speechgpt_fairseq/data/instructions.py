@@ -21,6 +21,7 @@ from speechgpt_fairseq.data.binarize import BinarizeError, SplitStats, binarize_
 from speechgpt_fairseq.data.prompts import Example, PromptFormatError, split_turn
 from speechgpt_fairseq.data.vocabulary import SLOW_433, Vocabulary
 from speechgpt_fairseq.speech.units import UnitFormatError, parse_unit_string
+from speechgpt_fairseq.text_files import not_utf8, open_text
 
 SYSTEM, PROMPT, RESPONSE = 0, 1, 2
 SEGMENTS_SUFFIX = ".seg"  # NAME.seg.bin/.idx beside NAME.bin/.idx
@@ -83,12 +84,14 @@ def read_examples(path: str | os.PathLike, vocab: Vocabulary, stats: SplitStats,
     Bad lines raise BinarizeError naming the file and line; with `skip_bad` they are skipped and counted in
     `stats` by reason. Empty lines are always skipped and counted.
     """
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 stats.skip("empty line")
                 continue
             try:
+                if bad := not_utf8(line):
+                    raise BadLine("not UTF-8", bad)
                 yield encode_example(parse_line(line), vocab)
             except (BadLine, PromptFormatError, UnitFormatError) as e:
                 if not skip_bad:
@@ -107,11 +110,13 @@ class BadLine(ValueError):
 
 def read_system_prefix(path: str | os.PathLike) -> str:
     """The system prompt of a SpeechInstruct file: the first non-empty `prefix` (the released files repeat one)."""
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
+                if bad := not_utf8(line):
+                    raise BadLine("not UTF-8", bad)
                 prefix = parse_line(line).prefix
             except BadLine as e:
                 raise BinarizeError(f"{path}:{lineno}: {e}") from None

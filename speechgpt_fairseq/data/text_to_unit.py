@@ -26,6 +26,7 @@ from tqdm import tqdm
 from speechgpt_fairseq.atomic_files import atomic_file, atomic_files_into
 from speechgpt_fairseq.data.builders import BuildError, BuildStats, UnitParser, BadRecord, read_aligned
 from speechgpt_fairseq.speech.units import format_kmeans_labels, format_unit_string
+from speechgpt_fairseq.text_files import not_utf8, open_text
 
 SOURCE_LANG, TARGET_LANG = "txt", "unit"  # the file suffixes, and fairseq's --source-lang / --target-lang
 WORD_BOUNDARY = "|"
@@ -74,10 +75,12 @@ def _pairs(split: Split, stats: BuildStats, dedup: bool, lowercase: bool, num_un
     if split.units is None:
         if not split.text.is_file():
             raise TextToUnitError(f"{split.text}: no such file (texts of split {split.name!r})")
-        with open(split.text, encoding="utf-8-sig") as f:
+        with open_text(split.text, "utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 stats.read += 1
                 try:
+                    if bad := not_utf8(line):
+                        raise BadRecord(f"{split.text}:{lineno}", "not UTF-8", bad)
                     yield _source(f"{split.text}:{lineno}", line, lowercase), None
                 except BadRecord as bad:
                     stats.reject(bad)
@@ -148,11 +151,13 @@ def read_hypotheses(path: str | os.PathLike, expected: int | None = None) -> lis
     """Each sample's best hypothesis (its first `H-` line), in sample-id order, from fairseq-generate (or
     fairseq-interactive) output. Ids must run 0..N-1 without a gap, N = `expected` when given."""
     hypotheses: dict[int, list[int]] = {}
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.startswith("H-"):
                 continue  # S-, T-, D-, P- lines and fairseq's log lines
             where = f"{path}:{lineno}"
+            if bad := not_utf8(line):
+                raise TextToUnitError(f"{where}: {bad}")
             fields = line.rstrip("\r\n").split("\t")
             sample = fields[0][2:]
             if len(fields) != 3 or not sample.isdigit():

@@ -558,6 +558,21 @@ def _from_hf_directory(path: Path, num_units) -> Vocabulary:
                           f"tokenizer.json (Hugging Face tokenizers)")
 
 
+def dictionary_difference(theirs, ours) -> str:
+    """What differs between two fairseq Dictionaries, in a few words: sizes, the ids holding other tokens (the
+    first of them shown), the special ids."""
+    parts = [f"{len(theirs)} tokens against {len(ours)}"] if len(theirs) != len(ours) else []
+    other = [i for i, (a, b) in enumerate(zip(theirs.symbols, ours.symbols)) if a != b]
+    if other:
+        i = other[0]
+        parts.append(f"{len(other)} ids hold other tokens, the first id {i}: {theirs.symbols[i]!r} against "
+                     f"{ours.symbols[i]!r}")
+    for name in ("bos", "eos", "pad", "unk"):
+        if getattr(theirs, name)() != getattr(ours, name)():
+            parts.append(f"{name} id {getattr(theirs, name)()} against {getattr(ours, name)()}")
+    return "; ".join(parts) or "the same tokens and special ids"
+
+
 def dictionary_digest(dictionary) -> str:
     """Vocabulary.digest for any fairseq Dictionary: the symbols in id order and the special ids."""
     payload = [list(dictionary.symbols), dictionary.bos(), dictionary.eos(), dictionary.pad(), dictionary.unk()]

@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from speechgpt_fairseq.atomic_files import atomic_dir, check_output_dir
 from speechgpt_fairseq.data.vocabulary import SLOW_433, VOCAB_FILE, Vocabulary
+from speechgpt_fairseq.models.checkpoints import unreadable
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, validate_config
 from speechgpt_fairseq.models.lora import LORA_TARGETS, load_base_weights, merge_lora_state
 
@@ -201,7 +202,7 @@ def _load_weight_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise HFCheckpointError(f"{path}: unreadable weights ({e})") from None
+        raise HFCheckpointError(f"{path}: unreadable weights ({unreadable(e)})") from None
     yield from tensors.items()
 
 
@@ -310,7 +311,7 @@ def load_fairseq_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise HFCheckpointError(f"{path}: not a loadable fairseq checkpoint ({e})") from None
+        raise HFCheckpointError(f"{path}: not a loadable fairseq checkpoint ({unreadable(e)})") from None
 
 
 def checkpoint_model_config(state: dict, path: Path) -> SpeechGPTLlamaConfig:

@@ -68,6 +68,10 @@ class ModelConfigError(ValueError):
     """A model configuration, or a checkpoint for it, that cannot work."""
 
 
+class VocabularyMismatchError(ModelConfigError):
+    """A checkpoint trained on another vocabulary than the data's (told apart by their digests)."""
+
+
 def validate_config(cfg) -> None:
     heads, kv = cfg.decoder_attention_heads, cfg.decoder_kv_heads or cfg.decoder_attention_heads
     if heads % kv:
@@ -432,10 +436,12 @@ def check_checkpoint_fits(decoder: SpeechGPTLlamaDecoder, state_dict: dict, pref
     n_ours = decoder.embed_tokens.weight.size(0)
     ours = decoder.vocab_digest.cpu()
     if theirs is not None and theirs.any() and ours.any() and not torch.equal(theirs.to(torch.uint8), ours):
-        n_theirs = emb.size(0) if emb is not None else "?"
-        raise ModelConfigError(
-            f"the checkpoint's vocabulary ({n_theirs} tokens) differs from the data directory's ({n_ours} tokens); "
-            f"binarize the data with the checkpoint's vocab.json (speechgpt prepare-units --vocab ...)")
+        n_theirs = emb.size(0) if emb is not None else None
+        what = (f"{n_theirs} tokens against {n_ours}" if n_theirs not in (None, n_ours) else
+                f"both have {n_ours} tokens, but other tokens at some ids or other special ids (bos/eos/pad/unk)")
+        raise VocabularyMismatchError(
+            f"the checkpoint's vocabulary differs from the data directory's ({what}); binarize the data with the "
+            f"checkpoint's vocab.json (speechgpt prepare-units / prepare-sft --vocab ...)")
     if theirs is None:  # a state dict from elsewhere (e.g. built by hand): shapes are all we can check
         state_dict[prefix + "vocab_digest"] = decoder.vocab_digest.clone()
     mismatched = [f"{k[len(prefix):]}: checkpoint {tuple(v.shape)}, model {tuple(p.shape)}"

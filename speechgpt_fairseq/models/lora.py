@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechgpt_fairseq.models.checkpoints import unreadable
+
 # the Linear layers of a LLaMA block, by their Hugging Face names
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -121,7 +123,7 @@ def load_base_weights(path: str | Path) -> dict[str, Tensor]:
         # mmap: a 7B base is read page by page as it is copied into the model, not held twice in memory
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
     except Exception as e:
-        raise LoRAError(f"lora_base {path}: not a loadable fairseq checkpoint ({e})") from None
+        raise LoRAError(f"lora_base {path}: not a loadable fairseq checkpoint ({unreadable(e)})") from None
     if any(is_lora_key(k) for k in state):
         raise LoRAError(f"lora_base {path}: holds LoRA weights; a base must be a plain checkpoint (merge this one "
                         f"first with speechgpt export-hf and convert-hf, or import-peft --merge)")

@@ -58,7 +58,11 @@ def load_kmeans(path: str | Path) -> MiniBatchKMeans:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such k-means file")
-    model = joblib.load(path)
+    try:
+        model = joblib.load(path)
+    except Exception as e:  # unpickling a file that is not a pickle fails in many ways, all of them this one
+        raise ValueError(f"{path}: not a k-means file (expected a joblib-pickled scikit-learn k-means model; "
+                         f"reading it failed with {type(e).__name__})") from None
     if not hasattr(model, "cluster_centers_"):
         raise ValueError(f"{path}: expected a fitted scikit-learn k-means model, found {type(model).__name__}")
     return model

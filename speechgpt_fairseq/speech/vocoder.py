@@ -86,8 +86,9 @@ class UnitVocoder:
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*weight_norm.* is deprecated", category=FutureWarning)
                 model = CodeHiFiGANVocoder(str(checkpoint), cfg)
-        except (pickle.UnpicklingError, EOFError) as e:
-            raise VocoderError(f"{checkpoint}: not a loadable vocoder checkpoint ({e})") from None
+        except (pickle.UnpicklingError, EOFError) as e:  # torch's text is advice about weights_only: not this case
+            raise VocoderError(f"{checkpoint}: not a loadable vocoder checkpoint (damaged, cut short, or another "
+                               f"kind of file: {type(e).__name__})") from None
         except KeyError as e:
             if e.args != ("generator",):
                 raise VocoderError(f"{config}: not a unit HiFi-GAN config, missing {e}") from None

@@ -42,6 +42,17 @@ class InstructionConfig(FairseqDataclass):
     seed: int = II("common.seed")
 
 
+def check_lengths(dataset, tokens_per_sample: int, where: str) -> None:
+    """Refuse, when a validation or test split loads, examples longer than tokens_per_sample: fairseq would stop
+    at them only when it first batches the split, after the first training interval."""
+    too_long = int((dataset.sizes > tokens_per_sample).sum())
+    if too_long:
+        raise TaskDataError(f"{where}: {too_long} of {len(dataset)} examples are longer than "
+                            f"task.tokens_per_sample={tokens_per_sample} (the longest has {int(dataset.sizes.max())} "
+                            f"tokens): raise task.tokens_per_sample (and model.max_target_positions) or leave them "
+                            f"out when building the data")
+
+
 class InstructionTask(SpeechGPTTask):
     """The shared base of cross_modal_sft and com_sft."""
 
@@ -50,6 +61,8 @@ class InstructionTask(SpeechGPTTask):
             dataset = self._mixture(epoch)
         else:
             dataset = self._examples(split)
+        if split != "train":  # fairseq skips long training examples with a warning; others it stops at, late
+            check_lengths(dataset, self.cfg.tokens_per_sample, f"{self.cfg.data}: split {split}")
         if self.cfg.pack and split == "train":
             dataset = PackedInstructionDataset(dataset, self.cfg.tokens_per_sample, self.dictionary.pad(),
                                                seed=self.cfg.seed, epoch=epoch)

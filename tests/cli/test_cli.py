@@ -154,3 +154,42 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(verb, where, t
     assert speechgpt_main(argv) == (1, f"speechgpt {verb}: error: {message}")
     assert (tmp_path / "file").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]
     assert [p.name for p in (tmp_path / "dir").iterdir()] == ([name] if where == "a directory" else [])
+
+
+@pytest.mark.parametrize("verb,option,value", [
+    ("prepare-units", "--num-units", "0"), ("prepare-sft", "--num-units", "-5"),
+    ("build-cross-modal", "--num-units", "0"), ("convert-hf", "--num-units", "0"), ("learn-kmeans", "--n-clusters", "0"),
+    ("chat", "--max-new-tokens", "-1"),
+    ("make-corpus", "--sentences", "0"), ("build-cross-modal", "--asr-prob", "1.5"),
+])
+def test_counts_and_probabilities_out_of_range_are_refused_by_the_parser(verb, option, value, capsys, tmp_path,
+                                                                        monkeypatch):
+    """Not K=0 taken as the default K, nor a clustering library's message: the option and its value."""
+    from speechgpt_fairseq.cli.main import main
+
+    monkeypatch.chdir(tmp_path)  # the relative paths below, were a command to run
+
+    args = {"prepare-units": ["train=a.km", "--out", "o"], "build-cross-modal": ["--out", "o.jsonl"],
+            "prepare-sft": ["train=a.jsonl", "--out", "o", "--vocab", "v"], "convert-hf": ["hf", "out"],
+            "learn-kmeans": ["a.wav", "--out", "k"], "chat": ["--model", "m.pt"], "make-corpus": ["--out", "o"]}[verb]
+    values = [value] * 3 if option == "--sentences" else [value]
+    with pytest.raises(SystemExit) as e:
+        main([verb, *args, option, *values])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"speechgpt {verb}: error: argument {option}: {value!r} is not "
+        + ("a probability (a number from 0 to 1)" if option == "--asr-prob" else "a positive whole number"))
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):
+    """Bad input is one line; an error that is no verdict on the input (here a KeyError) propagates, traceback and
+    all, so that it is seen and reported."""
+    import speechgpt_fairseq.cli.instructions as verb
+    from speechgpt_fairseq.cli.main import main
+
+    def broken(path):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(verb, "read_generate_output", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["score", str(tmp_path / "gen.txt")])

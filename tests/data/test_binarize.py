@@ -66,8 +66,8 @@ def test_records_start_with_bos_only_when_the_tokenizer_adds_it(vocab, tmp_path)
 def test_prompts_stay_open(vocab, tmp_path):
     (tmp_path / "p.km").write_text("4 5\n")
     (tmp_path / "q.txt").write_text("<sosp><4><5>\n")
-    prepare_units({"p": tmp_path / "p.km", "q": tmp_path / "q.txt"}, tmp_path / "out", vocab, open_splits=["p"],
-                  show_progress=False)
+    prepare_units({"p": tmp_path / "p.km", "q": tmp_path / "q.txt"}, tmp_path / "out", vocab,
+                  open_splits=["p", "q"], show_progress=False)
     assert read(tmp_path / "out" / "p") == read(tmp_path / "out" / "q") == [ids(vocab, [4, 5], closed=False)]
 
 
@@ -79,12 +79,14 @@ def test_prompts_stay_open(vocab, tmp_path):
     ("<sosp><1><eosp>\n<1><2><eosp>\n", r"a.txt:2: a unit string starts with <sosp>"),
     ("<sosp><1><eosp>\n<sosp><1><eosp><2>\n", r"a.txt:2: unknown token '<eosp>'"),
     ("\n\n", r"a.txt: no utterances"),
+    ("<sosp><1><eosp>\n<sosp><1><2>\n", r"a.txt:2: a unit string without the closing <eosp> .*--open"),
+    (b"1 2\n3 \xff 4\n", r"a.txt:2: not UTF-8 text \(byte 0xff at column 3\)"),
 ])
 def test_bad_lines_name_file_and_line_and_leave_nothing(vocab, tmp_path, content, message):
     out = tmp_path / "out"
     out.mkdir()
     (out / "train.bin").write_bytes(b"earlier output")
-    (tmp_path / "a.txt").write_text(content)
+    (tmp_path / "a.txt").write_bytes(content if isinstance(content, bytes) else content.encode())
     (tmp_path / "ok.km").write_text("1 2 3\n")
     with pytest.raises(BinarizeError, match=message):
         prepare_units({"valid": tmp_path / "ok.km", "train": tmp_path / "a.txt"}, out, vocab, show_progress=False,

@@ -253,9 +253,32 @@ def test_skip_bad_counts_each_reason(tmp_path):
     assert stats.skipped == {"unit out of range": 1, "empty transcript": 1, "unpaired line": 1}
 
 
+def test_a_line_that_is_not_utf8_is_named_or_skipped(tmp_path):
+    (tmp_path / "u.km").write_text("1 2\n3 4\n5 6\n")
+    (tmp_path / "t.txt").write_bytes(b"one\ncaf\xe9\nthree\n")
+    with pytest.raises(BuildError, match=r"t.txt:2: not UTF-8 text \(byte 0xe9 at column 4\)"):
+        cross_modal(tmp_path, units=tmp_path / "u.km", text=tmp_path / "t.txt")
+    assert not (tmp_path / "out.jsonl").exists()
+    lines, stats = cross_modal(tmp_path, units=tmp_path / "u.km", text=tmp_path / "t.txt", skip_bad=True)
+    assert len(lines) == 2 and stats.skipped == {"not UTF-8": 1}
+    (tmp_path / "m.jsonl").write_bytes(b'{"units": [1], "text": "a"}\n{"units": [1], "text": "\xff"}\n')
+    with pytest.raises(BuildError, match=r"m.jsonl:2: not UTF-8 text \(byte 0xff at column 25\)"):
+        cross_modal(tmp_path, manifest=tmp_path / "m.jsonl")
+
+
+def test_an_empty_input_is_an_error_naming_it(tmp_path):
+    """An empty input would give an empty output: it is refused, the input named, nothing written."""
+    (tmp_path / "m.jsonl").write_text("\n")
+    with pytest.raises(BuildError, match=r"out.jsonl: no examples to write \(0 records read from \S*m.jsonl; "
+                                         r"empty line: 1\)"):
+        cross_modal(tmp_path, manifest=tmp_path / "m.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_nothing_to_write_is_an_error(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"units": [99], "text": "a"}\n\n')
-    with pytest.raises(BuildError, match=r"out.jsonl: no examples to write \(1 records read; unit out of range: 1, "
+    with pytest.raises(BuildError, match=r"out.jsonl: no examples to write \(1 records read from .*; unit out of "
+                                         r"range: 1, "
                                          r"empty line: 1\)"):
         cross_modal(tmp_path, manifest=tmp_path / "m.jsonl", skip_bad=True)
     assert not (tmp_path / "out.jsonl").exists()

@@ -83,6 +83,27 @@ def test_bad_lines_name_file_and_line_or_are_counted(vocab, tmp_path, bad, messa
     assert stats.records == 2 and stats.skipped == {reason: 1}
 
 
+def test_a_line_that_is_not_utf8_is_named_or_counted(vocab, tmp_path):
+    good = line("", cross_modal("Transcribe.", "<sosp><1><eosp>", "fine")).encode()
+    (tmp_path / "a.jsonl").write_bytes(good + good.replace(b"fine", b"caf\xe9") + good)
+    with pytest.raises(BinarizeError, match=r"a.jsonl:2: not UTF-8 text \(byte 0xe9 at column \d+\)"):
+        prepare_instructions({"train": tmp_path / "a.jsonl"}, tmp_path / "out", vocab, show_progress=False)
+    (stats,) = prepare_instructions({"train": tmp_path / "a.jsonl"}, tmp_path / "out", vocab, skip_bad=True,
+                                    show_progress=False)
+    assert stats.records == 2 and stats.skipped == {"not UTF-8": 1}
+
+
+def test_lengths_are_reported_at_binarization(vocab, tmp_path):
+    """What task.tokens_per_sample must allow is known before training: the longest example, and how many are
+    longer than the tasks' default lengths."""
+    short = line("", cross_modal("Transcribe.", "<sosp><1><eosp>", "fine"))
+    long = line("", cross_modal("Transcribe.", "<sosp>" + "<1><2>" * 300 + "<eosp>", "fine"))
+    (tmp_path / "a.jsonl").write_text(short + long + short)
+    (stats,) = prepare_instructions({"train": tmp_path / "a.jsonl"}, tmp_path / "out", vocab, show_progress=False)
+    assert 600 < stats.longest < 700 and stats.longer == {512: 1, 1024: 0}
+    assert stats.lengths() == f"longest {stats.longest} tokens; 1 longer than 512, none longer than 1024"
+
+
 def test_speechinstruct_records_load_as_they_are(vocab, tmp_path):
     """SpeechInstruct keeps a system text in `prefix` and the exchange in `plain_text`; the `prefix` loss policy
     then trains on the exchange only, as SpeechGPT's released code does."""

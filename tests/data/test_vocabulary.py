@@ -181,3 +181,20 @@ def test_tokenizers_json_bos_follows_its_post_processor(tokenizers_json, tmp_pat
     tok.save(str(tmp_path / "llama3.json"))
     v = Vocabulary.from_tokenizer(tokenizer_dir(tmp_path, tmp_path / "llama3.json", names), num_units=20)
     assert v.add_bos and v.encode_prompt("the fox")[0] == 0
+
+
+def test_dictionary_difference_says_which_tokens_and_ids_differ():
+    """What a refused checkpoint's vocabulary differs in: sizes, the first id holding another token, special ids."""
+    from speechgpt_fairseq.data.vocabulary import dictionary_difference
+
+    ours = Vocabulary.units_only(40).to_dictionary()
+    theirs = Vocabulary.units_only(40).to_dictionary()
+    assert dictionary_difference(theirs, ours) == "the same tokens and special ids"
+    theirs.symbols[5], theirs.symbols[6] = theirs.symbols[6], theirs.symbols[5]
+    assert dictionary_difference(theirs, ours) == (f"2 ids hold other tokens, the first id 5: {ours.symbols[6]!r} "
+                                                   f"against {ours.symbols[5]!r}")
+    assert dictionary_difference(Vocabulary.units_only(41).to_dictionary(), ours).startswith(
+        f"{len(ours) + 1} tokens against {len(ours)}")
+    theirs = Vocabulary.units_only(40).to_dictionary()
+    theirs.eos_index = 7
+    assert dictionary_difference(theirs, ours) == f"eos id 7 against {ours.eos()}"

@@ -67,7 +67,7 @@ def test_fairseq_generate_equals_hf_generate(converted, tmp_path, cli):
     prompts = ["<sosp><1><2><3>", "<sosp><4><5><6><7><8><9><10><11>", "<sosp><12>", "<sosp><13><19><0><5><5>"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     cli("speechgpt", "prepare-units", f"test={tmp_path / 'prompts.txt'}", "--out", tmp_path / "data",
-        "--vocab", converted, "--no-progress")
+        "--vocab", converted, "--open", "test", "--no-progress")
     max_len = 24
     out = cli("fairseq-generate", tmp_path / "data", "--user-dir", speechgpt_user_dir(), "--task", "unit_lm",
               "--sample-break-mode", "eos", "--path", converted / "checkpoint.pt", "--gen-subset", "test",

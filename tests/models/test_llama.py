@@ -122,10 +122,18 @@ def test_bad_configs_are_refused():
         SpeechGPTLlamaModel.from_config(SpeechGPTLlamaConfig(decoder_embed_dim=30, decoder_attention_heads=4), 10)
 
 
-def test_checkpoint_of_another_vocabulary_is_refused():
+def test_checkpoint_of_another_vocabulary_is_refused_saying_what_differs():
+    """Not '1106 tokens differs from 1106 tokens': the sizes when they differ, else that the tokens or ids do."""
     a, b = build(vocab=Vocabulary.units_only(40)), build(vocab=Vocabulary.units_only(41))
-    with pytest.raises(ModelConfigError, match="vocabulary .* differs from the data directory's"):
+    n_a, n_b = len(Vocabulary.units_only(40)), len(Vocabulary.units_only(41))
+    with pytest.raises(ModelConfigError, match=f"vocabulary differs from the data directory's \\({n_a} tokens "
+                                               f"against {n_b}\\)"):
         b.load_state_dict(a.state_dict())
+    swapped = Vocabulary.units_only(40).to_dictionary()
+    swapped.symbols[5], swapped.symbols[6] = swapped.symbols[6], swapped.symbols[5]
+    c = SpeechGPTLlamaModel.from_config(a.decoder.cfg, swapped)
+    with pytest.raises(ModelConfigError, match=f"both have {n_a} tokens, but other tokens at some ids"):
+        c.load_state_dict(a.state_dict())
 
 
 def test_checkpoint_of_another_shape_is_refused():

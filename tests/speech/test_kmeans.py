@@ -98,3 +98,14 @@ def test_errors(tmp_path, model):
         KmeansLabeler(model)(np.zeros((3, 13), dtype=np.float32))
     with pytest.raises(ValueError, match="at least as many frames"):
         fit_kmeans(np.zeros((10, 2), dtype=np.float32), n_clusters=20)
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01 not a pickle \xff" * 8, b""], ids=["garbage", "empty"])
+def test_a_file_that_is_not_a_kmeans_model_is_named(tmp_path, content):
+    """Our message, not the unpickler's KeyError or EOFError."""
+    (tmp_path / "km.bin").write_bytes(content)
+    with pytest.raises(ValueError, match=r"km.bin: not a k-means file \(expected a joblib-pickled scikit-learn "):
+        load_kmeans(tmp_path / "km.bin")
+    joblib.dump({"cluster_centers": 1}, tmp_path / "dict.bin")
+    with pytest.raises(ValueError, match=r"dict.bin: expected a fitted scikit-learn k-means model, found dict"):
+        load_kmeans(tmp_path / "dict.bin")

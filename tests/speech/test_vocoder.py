@@ -167,6 +167,15 @@ def test_unit2speech_bad_lines(tiny_vocoder, tmp_path, capsys):
     assert "give a units file or --units, not both or neither" in capsys.readouterr().err
 
 
+def test_unit2speech_refuses_an_empty_input(tiny_vocoder, tmp_path, capsys):
+    """An empty units file would 'succeed' with no wav: an error naming it, and no output directory."""
+    (tmp_path / "empty.units").write_text("\n \n")
+    assert unit2speech(tiny_vocoder, tmp_path / "empty.units", "--speaker", 0, "--out", tmp_path / "out") == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"speechgpt unit2speech: error: {tmp_path / 'empty.units'}: "
+                                                        f"no units to speak (an empty input; nothing written)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unit2speech_failure_midway_leaves_no_partial_wav(tiny_vocoder, tmp_path, monkeypatch):
     from speechgpt_fairseq.speech import vocoder as vocoder_module
 

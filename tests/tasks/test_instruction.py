@@ -238,3 +238,19 @@ def test_round_trip_transcribes_spoken_answers_with_the_models_asr(cli, trained,
     assert summary["roundtrip_wer"] == {"n": 3, "rate": round(100 * sum(errors) / sum(len(a.split()) for a in answers),
                                                               2)}
     assert summary["roundtrip_reference_wer"]["n"] == 3
+
+
+def test_examples_longer_than_the_task_allows_are_refused_when_the_split_loads():
+    """Not at the first validation, after a training interval: when fairseq loads the split, before training."""
+    from fairseq.tasks import TASK_REGISTRY
+
+    from speechgpt_fairseq.tasks.base import TaskDataError
+    from speechgpt_fairseq.tasks.instruction import CrossModalSFTConfig
+
+    data = REPO / "examples" / "stage2" / "data-bin"
+    task = TASK_REGISTRY["cross_modal_sft"].setup_task(CrossModalSFTConfig(data=str(data), tokens_per_sample=40))
+    with pytest.raises(TaskDataError, match=rf"{data}: split valid: \d+ of \d+ examples are longer than "
+                                            rf"task.tokens_per_sample=40 \(the longest has \d+ tokens\): raise"):
+        task.load_dataset("valid")
+    TASK_REGISTRY["cross_modal_sft"].setup_task(CrossModalSFTConfig(data=str(data), tokens_per_sample=512)
+                                                ).load_dataset("valid")

@@ -96,10 +96,25 @@ def test_training_starts_from_a_converted_checkpoint(cli, converted_k100, tmp_pa
 
 
 def test_checkpoint_with_another_vocabulary_is_refused_before_training(cli, converted_k100, tmp_path):
-    run = train(cli, tmp_path, *MATCHING_MODEL, "optimization.max_update=4",
-                f"checkpoint.finetune_from_model={converted_k100 / 'checkpoint.pt'}", check=False)
+    """Of the same size, two tokens swapped: the error fairseq's trainer ends with is ours, and says which."""
+    import json
+    data = tmp_path / "data"
+    cli("speechgpt", "prepare-units", f"train={REPO / 'examples' / 'corpus' / 'valid.km'}",
+        f"valid={REPO / 'examples' / 'corpus' / 'valid.km'}", "--vocab", converted_k100, "--out", data, "--no-progress")
+    vocab = json.loads((data / "vocab.json").read_text())
+    tokens = vocab["tokens"]
+    tokens[-3], tokens[-4] = tokens[-4], tokens[-3]  # [Human] and [SpeechGPT]
+    (data / "vocab.json").write_text(json.dumps(vocab))
+    checkpoint = converted_k100 / "checkpoint.pt"
+    run = train(cli, tmp_path, f"task.data={data}", *MATCHING_MODEL, "optimization.max_update=4",
+                f"checkpoint.finetune_from_model={checkpoint}", check=False)
     assert run.returncode != 0
-    assert "vocabulary" in run.stderr and "differs from the data directory's" in run.stderr
+    last_error = [line for line in run.stderr.splitlines() if re.match(r"^[\w.]+Error: ", line)][-1]
+    n = len(tokens)
+    assert last_error == (f"speechgpt_fairseq.models.llama.VocabularyMismatchError: {checkpoint}: its vocabulary "
+                          f"differs from {data}'s vocab.json (2 ids hold other tokens, the first id {n - 4}: "
+                          f"'[Human]' against '[SpeechGPT]'); binarize the data with the checkpoint's vocab.json "
+                          f"(speechgpt prepare-units / prepare-sft --vocab ...)")
     assert "num_updates" not in run.stdout + run.stderr.split("differs")[0]
 
 
