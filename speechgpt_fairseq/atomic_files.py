@@ -18,12 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from speechgpt_fairseq.errors import InputError
 
-class OutputExistsError(ValueError):
+
+class OutputExistsError(InputError):
     """An output that would replace existing work without being asked to."""
 
 
-class OutputPathError(ValueError):
+class OutputPathError(InputError):
     """An output path that cannot be written: under a regular file, or in a directory we may not write."""
 
 

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from speechgpt_fairseq.data.prompts import INPUT_MARK, com_prompt, parse_response, speechgpt_prompt
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.inference import SpeechGPTGenerator
 from speechgpt_fairseq.models.generation import SPEECHGPT_SAMPLING, Decoding
 from speechgpt_fairseq.speech.audio import AUDIO_EXTENSIONS
@@ -64,7 +65,7 @@ class SpokenChat:
                  decoding: Decoding = SPEECHGPT_SAMPLING, max_new_tokens: int | None = None, seed: int | None = None,
                  prompt_style: str = "com", min_new_tokens: int | None = None, multi_turn: bool = False):
         if prompt_style not in PROMPT_STYLES:
-            raise ValueError(f"prompt style {prompt_style!r}: expected one of {PROMPT_STYLES}")
+            raise InputError(f"prompt style {prompt_style!r}: expected one of {PROMPT_STYLES}")
         self.model, self.speech_to_units, self.units_to_speech = model, speech_to_units, units_to_speech
         self.system_prefix, self.decoding, self.seed, self.prompt_style = system_prefix, decoding, seed, prompt_style
         self.conversation = model.conversation(decoding, seed) if multi_turn else None
@@ -93,25 +94,25 @@ class SpokenChat:
 
             speech_to_units = SpeechToUnits(kmeans, hubert=hubert, layer=layer, device=device)
             if speech_to_units.num_units != num_units:
-                raise ValueError(f"{kmeans}: has {speech_to_units.num_units} clusters, but {model} reads "
+                raise InputError(f"{kmeans}: has {speech_to_units.num_units} clusters, but {model} reads "
                                  f"{num_units} units")
         elif hubert is not None:
-            raise ValueError(f"{hubert}: a HuBERT checkpoint needs the k-means model of its units (kmeans)")
+            raise InputError(f"{hubert}: a HuBERT checkpoint needs the k-means model of its units (kmeans)")
         if vocoder is not None and str(vocoder).endswith(".npz"):
             from speechgpt_fairseq.speech.exemplar_vocoder import ExemplarVocoder
 
             units_to_speech = ExemplarVocoder.load(vocoder)
             if units_to_speech.num_units != num_units:
-                raise ValueError(f"{vocoder}: the vocoder speaks {units_to_speech.num_units} units, but {model} "
+                raise InputError(f"{vocoder}: the vocoder speaks {units_to_speech.num_units} units, but {model} "
                                  f"writes {num_units}: units of another k-means")
         elif (vocoder is None) != (vocoder_config is None):
-            raise ValueError("a vocoder needs both its checkpoint and its config.json (or is an exemplar .npz)")
+            raise InputError("a vocoder needs both its checkpoint and its config.json (or is an exemplar .npz)")
         elif vocoder is not None:
             from speechgpt_fairseq.speech.vocoder import UnitVocoder
 
             unit_vocoder = UnitVocoder.from_files(vocoder, vocoder_config, device=device)
             if unit_vocoder.num_units != num_units:
-                raise ValueError(f"{vocoder_config}: the vocoder speaks {unit_vocoder.num_units} units, but "
+                raise InputError(f"{vocoder_config}: the vocoder speaks {unit_vocoder.num_units} units, but "
                                  f"{model} writes {num_units}: units of another k-means")
             unit_vocoder.check([0], speaker)  # a speaker is chosen when the vocoder needs one
 
@@ -130,7 +131,7 @@ class SpokenChat:
         """The prompt for a question: a path to an audio file is a spoken question, anything else text. In the
         speechgpt style the question is a request as SpeechGPT's chat takes it, and `speak` is not used."""
         if not str(question).strip():
-            raise ValueError("an empty question")
+            raise InputError("an empty question")
         system = self.system_prefix if self.conversation is None or not self.conversation.length else ""
         if self.prompt_style == "speechgpt":
             return speechgpt_prompt(self.request_units(str(question)), system)
@@ -145,11 +146,11 @@ class SpokenChat:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such audio file")
         if self.speech_to_units is None:
-            raise ValueError(f"{audio}: a spoken question needs speech2unit (a k-means model, and a HuBERT "
+            raise InputError(f"{audio}: a spoken question needs speech2unit (a k-means model, and a HuBERT "
                              f"checkpoint or MFCC features)")
         units = dedup_units(self.speech_to_units(path))
         if not units:
-            raise ValueError(f"{audio}: no speech units came out of this audio")
+            raise InputError(f"{audio}: no speech units came out of this audio")
         return units
 
     def request_units(self, request: str) -> str:

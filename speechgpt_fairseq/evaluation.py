@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 import editdistance
 
 from speechgpt_fairseq.data.prompts import parse_response
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.units import dedup_units
 from speechgpt_fairseq.text_files import not_utf8, open_text
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
-class GenerateOutputError(ValueError):
+class GenerateOutputError(InputError):
     """A file that is not fairseq-generate output of an instruction task."""
 
 

@@ -28,13 +28,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from speechgpt_fairseq.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 BACKEND = "fsdp2"
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, in CPU memory, on rank 0 only
 
 
-class FSDP2Error(ValueError):
+class FSDP2Error(InputError):
     """A configuration the fsdp2 backend cannot run."""
 
 

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.models.checkpoints import load_for_inference
 from speechgpt_fairseq.models.generation import (SPEECHGPT_SAMPLING, Conversation, Decoding, Endings, Hypothesis,
                                                  generate)
@@ -55,7 +56,7 @@ class SpeechGPTGenerator:
         and no eos among the first `min_new_tokens`. With `seed`, each prompt samples from a generator seeded
         with it: the same prompt gets the same sample in any batch."""
         if any(len(p) == 0 for p in prompts):
-            raise ValueError("an empty prompt: with a tokenizer that adds no bos, a prompt needs at least one token")
+            raise InputError("an empty prompt: with a tokenizer that adds no bos, a prompt needs at least one token")
         hypos = generate(self.model.decoder, [torch.tensor(p) for p in prompts], self.endings, decoding,
                          max_new_tokens, min_new_tokens, None if seed is None else [seed] * len(prompts))
         return [self.response_ids(beams[0]) for beams in hypos]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.demo.corpus import make_corpus
+from speechgpt_fairseq.errors import InputError
 
 
 class MakeCorpus:
@@ -89,4 +90,4 @@ class Demo:
         if args.quick or all(result["met"].values()):
             print(f"demo: {result['verdict']}")
         else:
-            raise ValueError(f"{result['verdict']} (see the report)")
+            raise InputError(f"{result['verdict']} (see the report)")

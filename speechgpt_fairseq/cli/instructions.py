@@ -10,6 +10,7 @@ from speechgpt_fairseq.cli.units import add_data_dir_arguments, check_data_dir, 
 from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.data.instructions import prepare_instructions
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.evaluation import read_generate_output, round_trip, score_records
 
 
@@ -42,7 +43,7 @@ class PrepareSFT:
         splits = check_data_dir(args)
         vocab = load_vocabulary(args.vocab, args.num_units)
         if vocab.tokenizer_kind is None:
-            raise ValueError(f"{args.vocab}: a units-only vocabulary cannot encode instructions; give the base "
+            raise InputError(f"{args.vocab}: a units-only vocabulary cannot encode instructions; give the base "
                              f"LLM's vocabulary (e.g. convert-hf's output)")
         for stats in prepare_instructions(splits, args.out, vocab, skip_bad=args.skip_bad,
                                           show_progress=not args.no_progress, overwrite=args.overwrite,

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
-import importlib
+from speechgpt_fairseq.errors import InputError
 
 # verb -> the class that implements it (module of speechgpt_fairseq.cli, class): a verb's module is imported only
 # when that verb runs, so the verbs that need no model do not wait for torch and fairseq to load
@@ -81,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr, force=True)
     try:
         verb_class(args.verb).run(args)
-    except (ValueError, FileNotFoundError) as e:
-        # our errors are ValueError / FileNotFoundError subclasses whose message names the file and record
+    except (InputError, FileNotFoundError) as e:
+        # a verdict on the input names the file and record: one line. Anything else (a ValueError from a bug
+        # included) keeps its traceback.
         print(f"speechgpt {args.verb}: error: {e}", file=sys.stderr)
         return 1
     return 0

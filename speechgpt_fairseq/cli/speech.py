@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from speechgpt_fairseq.atomic_files import OutputExistsError, atomic_file, check_output_file, check_writable
 from speechgpt_fairseq.cli.main import positive_int
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.audio import SAMPLE_RATE, AudioEntry, AudioError, list_audio
 from speechgpt_fairseq.speech.hubert import MAX_CHUNK
 from speechgpt_fairseq.speech.kmeans import FAIRSEQ_KMEANS_OPTIONS, fit_kmeans, save_kmeans
@@ -93,6 +94,7 @@ class ShardProgress:
         self.dir = out / f".{stem}.partial"
         self.finals = {suffix: out / f"{stem}.{suffix}" for suffix in suffixes}
         self.state_path = self.dir / "state.json"
+        self.made: list[Path] = []  # the directories this run creates for OUT (none when it resumes)
         if overwrite:
             shutil.rmtree(self.dir, ignore_errors=True)
         if self.state_path.exists():
@@ -105,6 +107,7 @@ class ShardProgress:
             return
         if not overwrite and (existing := [p for p in self.finals.values() if p.exists()]):
             raise OutputExistsError(f"{existing[0]}: exists (pass --overwrite to replace it)")
+        self.made = [d for d in [out.absolute(), *out.absolute().parents] if not d.exists()]
         self.dir.mkdir(parents=True, exist_ok=True)
         for suffix in suffixes:
             (self.dir / suffix).write_bytes(b"")
@@ -141,6 +144,16 @@ class ShardProgress:
         self.state["frames"] += frames
         self.state["seconds"] += seconds
         self._save()  # the state moves on only once the lines are in the files
+
+    def discard(self) -> None:
+        """Remove a run that failed before any file was done: its state, and the directories it created for OUT
+        while they are empty (nothing to resume, so nothing is left behind)."""
+        shutil.rmtree(self.dir)
+        for directory in self.made:
+            try:
+                directory.rmdir()
+            except OSError:  # holds other outputs (another split), or was there already
+                break
 
     def finish(self) -> None:
         """Move the complete files to their final names. The earlier outputs they replace go first, so that a kill
@@ -187,15 +200,15 @@ class Speech2Unit:
     @staticmethod
     def run(args) -> None:
         if args.durations and not args.dedup:
-            raise ValueError("--durations gives the run lengths of deduplicated units; it needs --dedup")
+            raise InputError("--durations gives the run lengths of deduplicated units; it needs --dedup")
         check_writable(args.out, inside=True)
         inputs = [Path(i) for i in args.inputs]
         if args.each:
             if args.split:
-                raise ValueError("--each names each output after its input: it takes no --split")
+                raise InputError("--each names each output after its input: it takes no --split")
             stems = [i.stem for i in inputs]
             if len(set(stems)) < len(stems):
-                raise ValueError(f"--each: two inputs have the same name ({', '.join(sorted(stems))}): their "
+                raise InputError(f"--each: two inputs have the same name ({', '.join(sorted(stems))}): their "
                                  f"outputs would collide")
             groups = [(i.stem, [str(i)]) for i in inputs]
         else:
@@ -234,6 +247,8 @@ def label_split(speech2unit: SpeechToUnits, split: str, entries: list[AudioEntry
         if progress.done:
             logger.error("the %d files done are kept in %s: the same command goes on from there",
                          progress.done, progress.dir)
+        else:
+            progress.discard()
         raise
     finally:
         bar.close()
@@ -337,6 +352,6 @@ def sample_files(entries: list[AudioEntry], percent: float, seed: int) -> list[A
     if percent < 0:
         return entries
     if not 0 < percent <= 1:
-        raise ValueError(f"--percent {percent}: expected a fraction in (0, 1], or -1 for all the files")
+        raise InputError(f"--percent {percent}: expected a fraction in (0, 1], or -1 for all the files")
     count = math.ceil(len(entries) * percent)
     return [entries[i] for i in np.random.RandomState(seed).choice(len(entries), count, replace=False)]

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from speechgpt_fairseq.atomic_files import check_output_file, check_writable, remove_stray_files
 from speechgpt_fairseq.cli.main import positive_int
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.units import UnitFormatError, detect_unit_format, parse_kmeans_labels, parse_unit_string
 from speechgpt_fairseq.speech.vocoder import UnitVocoder, write_wav
 from speechgpt_fairseq.text_files import not_utf8, open_text
@@ -17,7 +18,7 @@ from speechgpt_fairseq.text_files import not_utf8, open_text
 logger = logging.getLogger(__name__)
 
 
-class UnitsInputError(ValueError):
+class UnitsInputError(InputError):
     """A units file, line or ids file that cannot be spoken; the message names the file and line."""
 
 
@@ -154,7 +155,7 @@ class FitExemplarVocoder:
         from speechgpt_fairseq.speech.exemplar_vocoder import fit_exemplar_vocoder
 
         if not args.out.endswith(".npz"):
-            raise ValueError(f"{args.out}: the vocoder file is an .npz")
+            raise InputError(f"{args.out}: the vocoder file is an .npz")
         check_output_file(args.out)
         _, entries = list_audio(args.inputs)
         vocoder = fit_exemplar_vocoder(entries[:args.max_files], args.kmeans, args.hubert, args.layer,

@@ -17,6 +17,8 @@ from fairseq.dataclass import FairseqDataclass
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from speechgpt_fairseq.errors import InputError
+
 MODALITIES = ("text", "unit")
 
 
@@ -58,9 +60,9 @@ class SpeechGPTCrossEntropyCriterion(FairseqCriterion):
     def __init__(self, task, label_smoothing: float = 0.0, loss_chunk_tokens: int = 0):
         super().__init__(task)
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"criterion.label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise InputError(f"criterion.label_smoothing must be in [0, 1), got {label_smoothing}")
         if loss_chunk_tokens < 0:
-            raise ValueError(f"criterion.loss_chunk_tokens must be 0 (off) or positive, got {loss_chunk_tokens}")
+            raise InputError(f"criterion.loss_chunk_tokens must be 0 (off) or positive, got {loss_chunk_tokens}")
         self.eps = label_smoothing
         self.chunk = loss_chunk_tokens
         vocab = task.vocab

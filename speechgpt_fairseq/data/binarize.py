@@ -20,6 +20,7 @@ import numpy as np
 
 from speechgpt_fairseq.atomic_files import atomic_dir
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.text_files import not_utf8, open_text
 from speechgpt_fairseq.speech.units import (EOSP, SOSP, UnitFormatError, dedup_units, detect_unit_format,
                                             parse_kmeans_labels, parse_unit_string)
@@ -35,7 +36,7 @@ ReadSplit = Callable[[str, str, "SplitStats"], Iterable[tuple[list[int], ...]]]
 ChannelsOf = Callable[[Path, str], list[tuple[Path, int]]]
 
 
-class BinarizeError(ValueError):
+class BinarizeError(InputError):
     """Input that cannot be binarized; names the file and line."""
 
 

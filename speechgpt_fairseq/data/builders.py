@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from speechgpt_fairseq.atomic_files import atomic_file
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.text_files import not_utf8, open_text
 from speechgpt_fairseq.data.prompts import COM_FORMATS, Example, chain_of_modality, cross_modal, text_instruction
 from speechgpt_fairseq.speech.units import (UnitFormatError, dedup_units, detect_unit_format, format_kmeans_labels,
@@ -38,7 +39,7 @@ DEFAULT_MIX = "s2s=0.4,s2t=0.2,t2s=0.2,t2t=0.2"
 Record = dict[str, tuple[str, Any]]
 
 
-class BuildError(ValueError):
+class BuildError(InputError):
     """Input that cannot be turned into instruction data; names the file and line."""
 
 

@@ -7,6 +7,7 @@ from fairseq.data import FairseqDataset, data_utils
 
 from speechgpt_fairseq.data.instructions import PROMPT, RESPONSE, SYSTEM
 from speechgpt_fairseq.data.lm_dataset import SizedDataset
+from speechgpt_fairseq.errors import InputError
 
 # which segments carry loss under each policy (data/instructions.py defines the segments)
 LOSS_SEGMENTS = {
@@ -23,7 +24,7 @@ class InstructionDataset(SizedDataset):
 
     def __init__(self, tokens, segments, loss_policy: str, pad: int, shuffle: bool = True):
         if len(tokens) != len(segments) or not np.array_equal(tokens.sizes, segments.sizes):
-            raise ValueError("tokens and segment labels do not match: re-run `speechgpt prepare-sft`")
+            raise InputError("tokens and segment labels do not match: re-run `speechgpt prepare-sft`")
         self.tokens, self.segments, self.pad, self.shuffle = tokens, segments, pad, shuffle
         self.loss_segments = torch.tensor(LOSS_SEGMENTS[loss_policy])
         self.sizes = np.asarray(tokens.sizes, dtype=np.int64) - 1
@@ -85,7 +86,7 @@ class PackedInstructionDataset(SizedDataset):
         sizes = self.examples.sizes
         too_long = int((sizes > self.row_tokens).sum())
         if too_long:
-            raise ValueError(f"{too_long} examples are longer than a packed row of {self.row_tokens} tokens: raise "
+            raise InputError(f"{too_long} examples are longer than a packed row of {self.row_tokens} tokens: raise "
                              f"task.tokens_per_sample or drop them when building the data")
         self.rows = best_fit_decreasing(sizes, self.row_tokens, seed=[self.seed, epoch])
         self.sizes = np.array([int(sizes[r].sum()) for r in self.rows], dtype=np.int64)

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 from speechgpt_fairseq.data.binarize import BinarizeError, SplitStats, binarize_splits
 from speechgpt_fairseq.data.prompts import Example, PromptFormatError, split_turn
 from speechgpt_fairseq.data.vocabulary import SLOW_433, Vocabulary
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.units import UnitFormatError, parse_unit_string
 from speechgpt_fairseq.text_files import not_utf8, open_text
 
@@ -100,7 +101,7 @@ def read_examples(path: str | os.PathLike, vocab: Vocabulary, stats: SplitStats,
                            "not a SpeechGPT exchange" if isinstance(e, PromptFormatError) else "bad speech units")
 
 
-class BadLine(ValueError):
+class BadLine(InputError):
     """A line that is not a SpeechInstruct record; `reason` is its short, countable kind."""
 
     def __init__(self, reason: str, message: str):

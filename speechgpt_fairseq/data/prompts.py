@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.units import EOSP, SOSP, format_unit_string
 
 HUMAN = "[Human]"
@@ -50,7 +51,7 @@ _UNITS = re.compile(r"<sosp>((?:\s*<\d+>)*)\s*(<eosp>)?")
 _UNIT = re.compile(r"<(\d+)>")
 
 
-class PromptFormatError(ValueError):
+class PromptFormatError(InputError):
     """Text that does not follow the prompt format; the message says what is missing."""
 
 

@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 from speechgpt_fairseq.atomic_files import atomic_file
+from speechgpt_fairseq.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ SLOW_433 = "transformers-4.33-slow"  # SpeechGPT's: added tokens eat the spaces 
 TEXT_ENCODINGS = (STANDARD, SLOW_433)
 
 
-class VocabularyError(ValueError):
+class VocabularyError(InputError):
     """A tokenizer or vocabulary file that cannot be used, with the reason."""
 
 

@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass
 from itertools import product
 
+from speechgpt_fairseq.errors import InputError
+
 VOICES = ["en", "en-us", "en+f3", "en+m3"]
 RATES = [130, 155, 180, 205]  # words per minute; espeak-ng's default is 175
 PROMPT_FRACTION = 0.3
@@ -105,7 +107,7 @@ def draw_from_families(families: dict[str, list], n: int, rng: random.Random, wh
         rng.shuffle(pool)
     total = sum(map(len, pools.values()))
     if n > total:
-        raise ValueError(f"asked for {n} {what} but the grammar has only {total}")
+        raise InputError(f"asked for {n} {what} but the grammar has only {total}")
     out = []
     while len(out) < n:
         name = rng.choice([k for k, pool in pools.items() if pool])

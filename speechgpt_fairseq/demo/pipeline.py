@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import speechgpt_fairseq
+from speechgpt_fairseq.errors import InputError
 
 SPLITS = ("train", "valid", "test")
 NUM_UNITS = 100
 STAGE2_SOURCES = ("asr", "tts", "text")  # stage 2's training sources, weighed by task.mix in the configs
 
 
-class DemoError(ValueError):
+class DemoError(InputError):
     """A demo step that failed; the message names the command and its log."""
 
 

@@ -9,6 +9,7 @@ import sentencepiece as spm
 from speechgpt_fairseq.data.builders import shipped_templates
 from speechgpt_fairseq.data.prompts import COM_FORMATS, chain_of_modality, cross_modal, text_instruction
 from speechgpt_fairseq.data.vocabulary import SPEECHGPT_TOKENS
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.units import format_unit_string
 
 # LLaMA's tokenizer.model settings (its trainer and normalizer specs), except character_coverage: LLaMA's
@@ -47,5 +48,5 @@ def train_tokenizer(lines: list[str], vocab_size: int, seed: int) -> bytes:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
                                        **TOKENIZER_OPTIONS)
     except RuntimeError as e:  # e.g. a vocabulary larger than a small corpus allows
-        raise ValueError(f"training the tokenizer failed (see --vocab-size): {e}") from None
+        raise InputError(f"training the tokenizer failed (see --vocab-size): {e}") from None
     return model.getvalue()

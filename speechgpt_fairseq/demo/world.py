@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from itertools import product
 
+from speechgpt_fairseq.errors import InputError
+
 VOICES = ["en", "en-us", "en+m1", "en+m3"]
 RATES = [130, 150, 170, 190]  # words per minute; espeak-ng's default is 175
 ASSISTANT_VOICE, ASSISTANT_RATE = "en-us", 175  # how the model is taught to speak: TTS targets, spoken answers
@@ -146,7 +148,7 @@ def sample_sentences(n: int, rng: random.Random) -> list[str]:
         rng.shuffle(pool)
     total = sum(map(len, pools.values()))
     if n > total:
-        raise ValueError(f"asked for {n} sentences but the grammar has only {total}")
+        raise InputError(f"asked for {n} sentences but the grammar has only {total}")
     out = []
     while len(out) < n:
         names = [k for k, pool in pools.items() if pool]

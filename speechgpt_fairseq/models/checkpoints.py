@@ -11,9 +11,10 @@ from fairseq.dataclass.utils import merge_with_parent
 from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY
 
 from speechgpt_fairseq.data.vocabulary import Vocabulary
+from speechgpt_fairseq.errors import InputError
 
 
-class CheckpointFileError(ValueError):
+class CheckpointFileError(InputError):
     """A checkpoint file that cannot be read: not a PyTorch checkpoint, or damaged (cut short, overwritten)."""
 
 
@@ -56,7 +57,7 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
         raise CheckpointFileError(f"{path}: a PyTorch file, but not a fairseq checkpoint (no 'cfg' and 'model')")
     vocab_dict = (state.get("task_state") or {}).get("vocabulary")
     if vocab_dict is None:
-        raise ValueError(f"{path}: carries no vocabulary (task state); was it written by speechgpt-fairseq?")
+        raise InputError(f"{path}: carries no vocabulary (task state); was it written by speechgpt-fairseq?")
     name = cfg.task._name
     task_cfg = merge_with_parent(TASK_DATACLASS_REGISTRY[name](), cfg.task)
     task = TASK_REGISTRY[name](task_cfg, Vocabulary.from_dict(vocab_dict, source=path))

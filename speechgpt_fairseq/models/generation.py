@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from speechgpt_fairseq.data.vocabulary import Vocabulary
+from speechgpt_fairseq.errors import InputError
 
 
 @dataclass
@@ -42,14 +43,14 @@ class Decoding:
 
     def check(self) -> None:
         if self.beam < 1:
-            raise ValueError(f"beam {self.beam}: must be at least 1")
+            raise InputError(f"beam {self.beam}: must be at least 1")
         if not self.sample and (self.temperature != 1.0 or self.top_k or self.top_p < 1.0):
-            raise ValueError(f"temperature {self.temperature}, top-k {self.top_k}, top-p {self.top_p}: they shape "
+            raise InputError(f"temperature {self.temperature}, top-k {self.top_k}, top-p {self.top_p}: they shape "
                              f"sampling; set sample (--sampling) or leave them at 1, 0, 1")
         if self.temperature <= 0:
-            raise ValueError(f"temperature {self.temperature}: must be positive (greedy search is sample=False)")
+            raise InputError(f"temperature {self.temperature}: must be positive (greedy search is sample=False)")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"top-k {self.top_k}, top-p {self.top_p}: expected top-k >= 0 and 0 < top-p <= 1")
+            raise InputError(f"top-k {self.top_k}, top-p {self.top_p}: expected top-k >= 0 and 0 < top-p <= 1")
 
 
 SPEECHGPT_SAMPLING = Decoding(sample=True, temperature=0.7, top_k=50, top_p=0.8)  # SpeechGPT's demo settings
@@ -125,10 +126,10 @@ def generate(model, prompts: list[Tensor], endings: Endings, decoding: Decoding 
     decoding.check()
     limits, mins = _per_prompt(max_new_tokens, prompts), _per_prompt(min_new_tokens, prompts)
     if seeds is not None and len(seeds) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: expected one per prompt")
+        raise InputError(f"{len(prompts)} prompts but {len(seeds)} seeds: expected one per prompt")
     for i, (prompt, limit) in enumerate(zip(prompts, limits)):
         if limit < 1 or len(prompt) + limit > model.max_positions():
-            raise ValueError(f"prompt {i}: {len(prompt)} tokens + {limit} new tokens: expected at least 1 new token "
+            raise InputError(f"prompt {i}: {len(prompt)} tokens + {limit} new tokens: expected at least 1 new token "
                              f"and at most {model.max_positions()} tokens in all (the model's max positions)")
     device = model.embed_tokens.weight.device
     endings.to(device)
@@ -146,7 +147,7 @@ def generate(model, prompts: list[Tensor], endings: Endings, decoding: Decoding 
 def _per_prompt(value: int | list[int], prompts: list) -> list[int]:
     values = [value] * len(prompts) if isinstance(value, int) else list(value)
     if len(values) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(values)} length limits: expected one per prompt")
+        raise InputError(f"{len(prompts)} prompts but {len(values)} length limits: expected one per prompt")
     return values
 
 
@@ -157,7 +158,7 @@ class Conversation:
     def __init__(self, model, endings: Endings, decoding: Decoding = Decoding(), seed: int | None = None):
         decoding.check()
         if decoding.beam != 1:
-            raise ValueError(f"beam {decoding.beam}: a conversation keeps one answer per turn (beam 1)")
+            raise InputError(f"beam {decoding.beam}: a conversation keeps one answer per turn (beam 1)")
         device = model.embed_tokens.weight.device
         self.model, self.endings, self.decoding = model, endings.to(device), decoding
         self.generator = torch.Generator(device)
@@ -177,9 +178,9 @@ class Conversation:
         tokens = self.unread + list(prompt)
         end = self.length + len(prompt) + max_new_tokens
         if not tokens or max_new_tokens < 1:
-            raise ValueError(f"a turn of {len(tokens)} tokens, {max_new_tokens} new: expected at least one of each")
+            raise InputError(f"a turn of {len(tokens)} tokens, {max_new_tokens} new: expected at least one of each")
         if end > self.model.max_positions():
-            raise ValueError(f"the conversation would reach {end} tokens, past the model's "
+            raise InputError(f"the conversation would reach {end} tokens, past the model's "
                              f"{self.model.max_positions()} positions: start a new one")
         ids = torch.tensor([tokens], device=self.model.embed_tokens.weight.device)
         if self.cache is None:
@@ -336,7 +337,7 @@ class FairseqGenerator:
                    "--print-alignment": getattr(args, "print_alignment", None),
                    "--score-reference": getattr(args, "score_reference", False)}
         if any(refused.values()):
-            raise ValueError(f"{', '.join(k for k, v in refused.items() if v)}: not supported by our tasks' generator")
+            raise InputError(f"{', '.join(k for k, v in refused.items() if v)}: not supported by our tasks' generator")
         self.model = model
         top_p = getattr(args, "sampling_topp", -1.0)
         self.decoding = Decoding(beam=getattr(args, "beam", 5), sample=getattr(args, "sampling", False),
@@ -361,7 +362,7 @@ class FairseqGenerator:
             n, positions = len(prompt), self.model.max_positions()
             most = min(int(self.max_len_a * n + self.max_len_b), positions - 1)
             if most <= n - 1:
-                raise ValueError(f"a prompt of {n} tokens does not fit the length limit of {most} (max_len_a * prompt "
+                raise InputError(f"a prompt of {n} tokens does not fit the length limit of {most} (max_len_a * prompt "
                                  f"length + max_len_b, at most the model's {positions - 1}): raise --max-len-b")
             limits.append(most - (n - 1))
             mins.append(max(self.min_new_tokens, self.min_len - (n - 1)))

@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from speechgpt_fairseq.atomic_files import atomic_dir, check_output_dir
 from speechgpt_fairseq.data.vocabulary import SLOW_433, VOCAB_FILE, Vocabulary
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.models.checkpoints import unreadable
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, validate_config
 from speechgpt_fairseq.models.lora import LORA_TARGETS, load_base_weights, merge_lora_state
@@ -41,7 +42,7 @@ NEW_ROW_SEED = 0
 _SKIPPED_BUFFERS = ("rotary_emb.inv_freq",)
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(InputError):
     """A Hugging Face directory or fairseq checkpoint that cannot be converted, and why."""
 
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from speechgpt_fairseq.data.vocabulary import dictionary_digest
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.models import kernels
 from speechgpt_fairseq.models.lora import LoRAError, apply_lora, is_lora_key, load_base_weights, parse_targets
 
@@ -64,7 +65,7 @@ class SpeechGPTLlamaConfig(FairseqDataclass):
                                       "built from it and its checkpoints hold only the LoRA weights"})
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(InputError):
     """A model configuration, or a checkpoint for it, that cannot work."""
 
 

@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.models.checkpoints import unreadable
 
 # the Linear layers of a LLaMA block, by their Hugging Face names
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class LoRAError(ValueError):
+class LoRAError(InputError):
     """A LoRA setting, base checkpoint or adapter that cannot work, and why."""
 
 

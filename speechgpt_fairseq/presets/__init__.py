@@ -9,6 +9,7 @@ its user_dir, so values of ours (`ddp_backend: fsdp2`, our model, task and crite
 from omegaconf import OmegaConf
 
 import speechgpt_fairseq
+from speechgpt_fairseq.errors import InputError
 
 speechgpt_fairseq.register()
 
@@ -20,7 +21,7 @@ def config_dir() -> str:
     for source in HydraConfig.get().runtime.config_sources:
         if source.provider == "command-line" and source.schema == "file":
             return source.path
-    raise ValueError("${speechgpt_config_dir:} is only defined when the config comes from --config-dir")
+    raise InputError("${speechgpt_config_dir:} is only defined when the config comes from --config-dir")
 
 
 if not OmegaConf.has_resolver("speechgpt_config_dir"):

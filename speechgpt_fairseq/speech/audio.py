@@ -11,6 +11,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from speechgpt_fairseq.errors import InputError
+
 SAMPLE_RATE = 16000
 # Extensions a directory scan picks up: the containers libsndfile reads (MP3 only where it was built with it).
 AUDIO_EXTENSIONS = frozenset(
@@ -21,7 +23,7 @@ _SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILIN
 _STREAMING_SIZE = 0x7FFF0000  # streaming writers put a huge placeholder size in the header: not a truncation
 
 
-class AudioError(ValueError):
+class AudioError(InputError):
     """An audio file that cannot be used; the message names the file and what is wrong with it, `reason` says
     what kind of fault it is in a word or two (for reports of skipped files)."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from speechgpt_fairseq.atomic_files import atomic_file
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.units import dedup_units
 
 WINDOW = 400  # samples of a frame: 25 ms at 16 kHz
@@ -57,10 +58,10 @@ class ExemplarVocoder:
     def __call__(self, units: list[int]) -> np.ndarray:
         units = dedup_units(list(units))
         if not units:
-            raise ValueError("no units to speak (empty unit sequence)")
+            raise InputError("no units to speak (empty unit sequence)")
         bad = next((u for u in units if not 0 <= u < self.num_units), None)
         if bad is not None:
-            raise ValueError(f"unit {bad} is out of range: this vocoder has {self.num_units} units")
+            raise InputError(f"unit {bad} is out of range: this vocoder has {self.num_units} units")
         sequence = np.repeat(units, np.maximum(1, np.rint(self.durations[units])).astype(int))
         out = np.zeros((len(sequence) - 1) * self.hop + WINDOW, dtype=np.float32)
         weight = np.zeros_like(out)
@@ -85,7 +86,7 @@ class ExemplarVocoder:
             with np.load(path) as z:
                 return cls(z["frames"], z["durations"], int(z["hop"]), int(z["sample_rate"]))
         except (ValueError, KeyError, OSError) as e:
-            raise ValueError(f"{path}: not an exemplar vocoder (.npz with frames, durations, hop, sample_rate): "
+            raise InputError(f"{path}: not an exemplar vocoder (.npz with frames, durations, hop, sample_rate): "
                              f"{e}") from None
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.audio import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
@@ -45,17 +46,17 @@ class HubertFeatureReader:
             (model,), _, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])
         except (pickle.UnpicklingError, EOFError, IndexError, KeyError, AttributeError, RuntimeError) as e:
             # what torch.load and fairseq raise on a file that is not a fairseq checkpoint
-            raise ValueError(f"{checkpoint}: not a loadable fairseq HuBERT checkpoint ({type(e).__name__}: "
+            raise InputError(f"{checkpoint}: not a loadable fairseq HuBERT checkpoint ({type(e).__name__}: "
                              f"{str(e)[:300]})") from None
         if not (hasattr(model, "feature_extractor") and hasattr(model, "encoder")):
-            raise ValueError(f"{checkpoint}: expected a HuBERT model, found {type(model).__name__}")
+            raise InputError(f"{checkpoint}: expected a HuBERT model, found {type(model).__name__}")
         num_layers = len(model.encoder.layers)
         if not 1 <= layer <= num_layers:
-            raise ValueError(f"{checkpoint}: layer {layer} does not exist: the model has layers 1..{num_layers}")
+            raise InputError(f"{checkpoint}: layer {layer} does not exist: the model has layers 1..{num_layers}")
         if max_chunk < 400:
-            raise ValueError(f"max_chunk {max_chunk} is shorter than HuBERT's 400-sample receptive field")
+            raise InputError(f"max_chunk {max_chunk} is shorter than HuBERT's 400-sample receptive field")
         if task.cfg.sample_rate != SAMPLE_RATE:
-            raise ValueError(f"{checkpoint}: expects {task.cfg.sample_rate} Hz audio; only {SAMPLE_RATE} Hz is supported")
+            raise InputError(f"{checkpoint}: expects {task.cfg.sample_rate} Hz audio; only {SAMPLE_RATE} Hz is supported")
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.layer, self.max_chunk, self.bf16 = layer, max_chunk, bf16

@@ -14,6 +14,7 @@ import torch
 from sklearn.cluster import MiniBatchKMeans
 
 from speechgpt_fairseq.atomic_files import atomic_file
+from speechgpt_fairseq.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def fit_kmeans(features: np.ndarray, n_clusters: int, seed: int = 0, **opts) -> 
     if features.ndim != 2:
         raise ValueError(f"expected features of shape (frames, dim), got shape {features.shape}")
     if len(features) < n_clusters:
-        raise ValueError(f"cannot fit {n_clusters} clusters on {len(features)} frames: need at least as many frames")
+        raise InputError(f"cannot fit {n_clusters} clusters on {len(features)} frames: need at least as many frames")
     model = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, **{**FAIRSEQ_KMEANS_OPTIONS, **opts})
     model.fit(features)
     # compute_labels=False leaves inertia_ unset; fairseq logs the per-frame inertia the same way.
@@ -61,10 +62,10 @@ def load_kmeans(path: str | Path) -> MiniBatchKMeans:
     try:
         model = joblib.load(path)
     except Exception as e:  # unpickling a file that is not a pickle fails in many ways, all of them this one
-        raise ValueError(f"{path}: not a k-means file (expected a joblib-pickled scikit-learn k-means model; "
+        raise InputError(f"{path}: not a k-means file (expected a joblib-pickled scikit-learn k-means model; "
                          f"reading it failed with {type(e).__name__})") from None
     if not hasattr(model, "cluster_centers_"):
-        raise ValueError(f"{path}: expected a fitted scikit-learn k-means model, found {type(model).__name__}")
+        raise InputError(f"{path}: expected a fitted scikit-learn k-means model, found {type(model).__name__}")
     return model
 
 

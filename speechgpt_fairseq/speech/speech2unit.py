@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 from sklearn.cluster import MiniBatchKMeans
 
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.audio import AudioEntry, AudioError, read_audio
 from speechgpt_fairseq.speech.hubert import MAX_CHUNK, HubertFeatureReader
 from speechgpt_fairseq.speech.kmeans import KmeansLabeler
@@ -133,7 +134,7 @@ class SpeechToUnits:
         self.features = SpeechFeatures(hubert, layer, device, bf16, max_chunk)
         if self.labeler.dim != self.features.dim:
             kmeans_name = kmeans if isinstance(kmeans, (str, Path)) else "the k-means model"
-            raise ValueError(f"{kmeans_name}: clusters {self.labeler.dim}-dimensional features, but "
+            raise InputError(f"{kmeans_name}: clusters {self.labeler.dim}-dimensional features, but "
                              f"{self.features.name} gives {self.features.dim}-dimensional ones (use the k-means "
                              f"model fitted on these features)")
         logger.info("speech2unit: %s -> %d clusters", self.features.name, self.num_units)
@@ -163,8 +164,8 @@ def shard_range(total: int, nshard: int, rank: int) -> tuple[int, int]:
     """[start, end) of shard `rank` of `nshard` over `total` items, split as fairseq's simple_kmeans splits
     manifests (feature_utils.get_shard_range), so shard files line up with fairseq's."""
     if not 0 <= rank < nshard:
-        raise ValueError(f"shard {rank} does not exist: shards are 0..{nshard - 1}")
+        raise InputError(f"shard {rank} does not exist: shards are 0..{nshard - 1}")
     start, end = round(total / nshard * rank), round(total / nshard * (rank + 1))
     if start >= end:
-        raise ValueError(f"shard {rank} of {nshard} is empty: only {total} files")
+        raise InputError(f"shard {rank} of {nshard} is empty: only {total} files")
     return start, end

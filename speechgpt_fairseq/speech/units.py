@@ -8,11 +8,13 @@ from __future__ import annotations
 import re
 from itertools import groupby
 
+from speechgpt_fairseq.errors import InputError
+
 SOSP, EOSP = "<sosp>", "<eosp>"
 _TOKEN = re.compile(r"\s*(<[^<>]*>)")
 
 
-class UnitFormatError(ValueError):
+class UnitFormatError(InputError):
     """A line that is not a unit sequence; the message says what was found and what was expected."""
 
 

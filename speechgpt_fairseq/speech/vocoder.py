@@ -21,6 +21,7 @@ import soundfile as sf
 import torch
 
 from speechgpt_fairseq.atomic_files import atomic_file
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.units import dedup_units
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ REQUIRED_KEYS = ("upsample_rates", "upsample_kernel_sizes", "upsample_initial_ch
                  "resblock_dilation_sizes", "num_embeddings", "embedding_dim")
 
 
-class VocoderError(ValueError):
+class VocoderError(InputError):
     """A vocoder file that cannot be used, or an input it cannot speak; the message says which and why."""
 
 

@@ -7,6 +7,7 @@ from fairseq.data import MMapIndexedDataset
 from fairseq.tasks import FairseqTask
 
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary, VocabularyError, read_vocab_json, records_hold_bos
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.models.generation import FairseqGenerator
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,10 @@ class SpeechGPTTask(FairseqTask):
         extra = dict(extra_gen_cls_kwargs or {})
         extra.pop("lm_weight", None)
         if extra.pop("lm_model", None) is not None or seq_gen_cls is not None or kwargs.get("prefix_allowed_tokens_fn"):
-            raise ValueError("--lm-path, another generator class and prefix_allowed_tokens_fn are not supported by "
+            raise InputError("--lm-path, another generator class and prefix_allowed_tokens_fn are not supported by "
                              "our tasks' generator")
         if len(models) != 1:
-            raise ValueError(f"{len(models)} models: our tasks generate with one model (no ensembles)")
+            raise InputError(f"{len(models)} models: our tasks generate with one model (no ensembles)")
         return FairseqGenerator(models[0], self.target_dictionary, args,
                                 stop_text=getattr(self.cfg, "stop_text", None), **extra)
 

@@ -19,6 +19,7 @@ from speechgpt_fairseq.data.instruction_dataset import LOSS_SEGMENTS, Instructio
 from speechgpt_fairseq.data.instructions import SEGMENTS_SUFFIX
 from speechgpt_fairseq.data.prompts import EOA
 from speechgpt_fairseq.data.vocabulary import Vocabulary
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.tasks.base import SpeechGPTTask, TaskDataError, load_split
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,9 @@ class InstructionTask(SpeechGPTTask):
             try:
                 weight = float(weight or 1.0)
             except ValueError:
-                raise ValueError(f"task.mix: {item!r} is not NAME:WEIGHT") from None
+                raise InputError(f"task.mix: {item!r} is not NAME:WEIGHT") from None
             if weight <= 0:
-                raise ValueError(f"task.mix: weight of {name!r} must be positive")
+                raise InputError(f"task.mix: weight of {name!r} must be positive")
             ds = self._examples(name)
             parts.append(ds if weight == 1.0 else ResamplingDataset(ds, size_ratio=weight, replace=weight > 1,
                                                                     seed=self.cfg.seed, epoch=epoch))
@@ -108,7 +109,7 @@ class InstructionTask(SpeechGPTTask):
         reference response (T-) and the generated response (H-/D-).
         """
         if "prompt_lengths" not in sample:
-            raise ValueError("generation needs whole examples: set task.pack=false")
+            raise InputError("generation needs whole examples: set task.pack=false")
         pad = self.dictionary.pad()
         lengths = sample["prompt_lengths"].tolist()
         prompts = [ref[:n] for ref, n in zip(sample["references"], lengths)]

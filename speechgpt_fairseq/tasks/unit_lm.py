@@ -9,6 +9,7 @@ from fairseq.tasks import register_task
 from omegaconf import II
 
 from speechgpt_fairseq.data.lm_dataset import PackedBlocksDataset, RecordDataset
+from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.tasks.base import SpeechGPTTask, load_split
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class UnitLMTask(SpeechGPTTask):
         utterance after its first token, as fairseq prints a forced prefix, then the continuation; the
         utterance's tokens score 0 (given, not generated)."""
         if self.cfg.sample_break_mode != "eos":
-            raise ValueError("generation continues whole utterances: pass --sample-break-mode eos")
+            raise InputError("generation continues whole utterances: pass --sample-break-mode eos")
         net_input = sample["net_input"]
         prompts = [row[:n] for row, n in zip(net_input["src_tokens"], net_input["src_lengths"].tolist())]
         hypos = generator.generate_prompts(prompts, sample["id"].tolist())

@@ -181,15 +181,16 @@ def test_counts_and_probabilities_out_of_range_are_refused_by_the_parser(verb, o
         + ("a probability (a number from 0 to 1)" if option == "--asr-prob" else "a positive whole number"))
 
 
-def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):
-    """Bad input is one line; an error that is no verdict on the input (here a KeyError) propagates, traceback and
-    all, so that it is seen and reported."""
+@pytest.mark.parametrize("bug", [KeyError, ValueError, IndexError])
+def test_a_bug_still_shows_its_traceback(bug, monkeypatch, tmp_path):
+    """Bad input is one line; an error that is no verdict on the input (a ValueError from a bug too: only
+    InputError and a missing file are verdicts) propagates, traceback and all, so that it is seen and reported."""
     import speechgpt_fairseq.cli.instructions as verb
     from speechgpt_fairseq.cli.main import main
 
     def broken(path):
-        raise KeyError("a bug")
+        raise bug("a bug")
 
     monkeypatch.setattr(verb, "read_generate_output", broken)
-    with pytest.raises(KeyError, match="a bug"):
+    with pytest.raises(bug, match="a bug"):
         main(["score", str(tmp_path / "gen.txt")])

@@ -400,6 +400,20 @@ def test_a_bad_file_stops_the_run_naming_it(bad, bad_corpus, mfcc_kmeans, tmp_pa
     assert not list(out.glob("train.*"))
 
 
+def test_a_run_that_fails_before_any_file_is_done_leaves_nothing(bad_corpus, mfcc_kmeans, tmp_path):
+    """Nothing to resume, so nothing left: no state, and the directories the run made for OUT are gone; a
+    directory that was there before stays."""
+    root, cases, n = bad_corpus
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"{root}\n{cases['garbage.wav'][0]}\ngood1.wav\t{n}\n")
+    args = ["speech2unit", str(manifest), "--kmeans", str(mfcc_kmeans), "--no-progress", "--out"]
+    assert main([*args, str(tmp_path / "made" / "out")]) == 1
+    assert not (tmp_path / "made").exists()
+    (tmp_path / "mine").mkdir()
+    assert main([*args, str(tmp_path / "mine")]) == 1
+    assert list((tmp_path / "mine").iterdir()) == []
+
+
 def test_skip_bad_leaves_them_out_and_reports_them(cli, bad_corpus, mfcc_kmeans, tmp_path):
     root, cases, n = bad_corpus
     manifest = tmp_path / "train.tsv"
