@@ -18,7 +18,7 @@ run() { echo "+ $*" >&2; "$@"; }
 
 # stage 1: unit sequences (k-means labels; the test split holds open prompts)
 run "$SPEECHGPT" prepare-units --no-progress --overwrite "${VOCAB[@]}" --out "$OUT_ROOT/stage1/data-bin" \
-    train="$CORPUS/train.km" valid="$CORPUS/valid.km" test="$CORPUS/test.txt"
+    train="$CORPUS/train.km" valid="$CORPUS/valid.km" test="$CORPUS/test.txt" --open test
 
 # stage 2: ASR/TTS instructions from the (units, transcript) pairs
 for split in train valid test; do
