@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from speechgpt_fairseq.atomic_files import atomic_file, check_output_file
-from speechgpt_fairseq.cli.units import add_data_dir_arguments, check_data_dir, load_vocabulary
 from speechgpt_fairseq.cli.main import positive_int
+from speechgpt_fairseq.cli.units import add_data_dir_arguments, check_data_dir, load_vocabulary
 from speechgpt_fairseq.data.instructions import prepare_instructions
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE
 from speechgpt_fairseq.errors import InputError

@@ -5,8 +5,8 @@ import argparse
 from pathlib import Path
 
 from speechgpt_fairseq.atomic_files import check_output_dir
-from speechgpt_fairseq.data.binarize import BinarizeError, is_data_file, prepare_units
 from speechgpt_fairseq.cli.main import positive_int
+from speechgpt_fairseq.data.binarize import BinarizeError, is_data_file, prepare_units
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary
 
 

@@ -137,11 +137,7 @@ def test_with_apex_its_kernels_run_say_so_and_compute_the_same(with_apex, log):
 
 def test_apex_fused_adam_makes_the_plain_adamw_updates(with_apex):
     """Every hyperparameter reaches FusedAdam, in its AdamW mode: the updates of torch's plain AdamW."""
-    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    fused = _adamw_run(lambda p: kernels.adamw(p, **hyper))
-    plain = _adamw_run(lambda p: torch.optim.AdamW(p, foreach=False, fused=False, **hyper))
-    for a, b in zip(fused, plain):
-        torch.testing.assert_close(a, b)
+    _assert_adamw_updates_are_plain_adamw()
 
 
 def test_apex_without_its_cuda_extension_falls_back(with_apex, log, monkeypatch):
@@ -165,12 +161,18 @@ def _adamw_run(optimizer_factory, steps=3):
     return params
 
 
-def test_fused_adamw_makes_the_plain_adamw_updates(without_apex):
+def _assert_adamw_updates_are_plain_adamw() -> list[torch.Tensor]:
+    """kernels.adamw's weights after a few steps equal torch's plain (unfused, not foreach) AdamW's."""
     hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     fused = _adamw_run(lambda p: kernels.adamw(p, **hyper))
     plain = _adamw_run(lambda p: torch.optim.AdamW(p, foreach=False, fused=False, **hyper))
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b)
+    return fused
+
+
+def test_fused_adamw_makes_the_plain_adamw_updates(without_apex):
+    fused = _assert_adamw_updates_are_plain_adamw()
     torch.manual_seed(0)
     assert (fused[0] - torch.randn(5, 3)).abs().min() > 1e-3  # every weight moved
 
