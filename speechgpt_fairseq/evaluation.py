@@ -132,13 +132,18 @@ def score_records(records: dict[int, dict[str, str]], lowercase: bool = True, re
 
 
 def round_trip(records: dict[int, dict[str, str]], transcribe, lowercase: bool = True, remove_punct: bool = True,
-               ) -> tuple[list[dict], Scores]:
+               of: str = "hypothesis") -> tuple[list[dict], Scores]:
     """How intelligible chain-of-modality spoken answers are: each generated spoken answer (units_r) is transcribed
     by `transcribe(list of unit lists) -> texts` (a model's ASR) and compared with the text answer the same
     response gave (`roundtrip` WER; the reference answer where the response has no text answer) and with the
     reference answer (`roundtrip_reference` WER). A response without a spoken answer counts as an empty
-    transcript."""
-    parsed = {key: (parse_response(r["reference"]), parse_response(r["hypothesis"])) for key, r in records.items()}
+    transcript. With `of="reference"` the references' spoken answers are transcribed instead (both WERs then
+    against the reference answer): how well the ASR reads the right answer said as the model was taught to say
+    it, the round trip's ceiling."""
+    if of not in ("hypothesis", "reference"):
+        raise ValueError(f"of: 'hypothesis' or 'reference', not {of!r}")
+    parsed = {key: (parse_response(r["reference"]), parse_response(r[of] if of == "hypothesis" else r["reference"]))
+              for key, r in records.items()}
     spoken = [key for key, (_, hyp) in parsed.items() if hyp.get("units_r")]
     heard = dict(zip(spoken, transcribe([parsed[key][1]["units_r"] for key in spoken])))
     scores, rows = Scores(), []

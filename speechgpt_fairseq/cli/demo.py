@@ -52,7 +52,7 @@ def fmt(value: float | None) -> str:
 
 
 class Demo:
-    """The offline demo, end to end, in about ten minutes on two CPU cores: make a spoken corpus with
+    """The offline demo, end to end, in about fourteen minutes on two CPU cores: make a spoken corpus with
     espeak-ng, extract units (MFCC k-means, or --hubert), train stages 1, 2 and 3 with fairseq-hydra-train on
     the examples/demo configs, evaluate on held-out speech with fairseq-generate against the untrained model,
     hold one spoken chat turn, and write OUT/report/report.md with the validation curves. Every command is
@@ -86,7 +86,7 @@ class Demo:
         t, u = result["trained"], result["untrained"]
         print(f"\nreport: {Path(args.out) / 'report' / 'report.md'}")
         for m in MEASURES:
-            print(f"{m.label}: {fmt(t[m.key])} (untrained {fmt(u[m.key])})")
+            print(f"{m.label}: {fmt(t[m.key])}" + ("" if m.trained_only else f" (untrained {fmt(u[m.key])})"))
         if args.quick or all(result["met"].values()):
             print(f"demo: {result['verdict']}")
         else:

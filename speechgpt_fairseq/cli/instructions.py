@@ -117,6 +117,9 @@ class RoundTrip:
         p.add_argument("--model", required=True, help="checkpoint of ours whose ASR transcribes (e.g. stage 2's)")
         p.add_argument("--instruction", default=None,
                        help="the ASR instruction (default: the first of the shipped ASR templates)")
+        p.add_argument("--of", choices=("hypothesis", "reference"), default="hypothesis",
+                       help="whose spoken answers to transcribe: the generated ones (default), or the references' "
+                            "(the ceiling: how well the ASR reads the right answer as the model was taught to say it)")
         p.add_argument("--batch-size", type=positive_int, default=32, help="answers transcribed together (default 32)")
         p.add_argument("--max-new-tokens", type=positive_int, default=64,
                        help="longest transcript in tokens (default 64)")
@@ -146,5 +149,6 @@ class RoundTrip:
                                                                       max_new_tokens=args.max_new_tokens)]
             return texts
 
-        rows, scores = round_trip(records, transcribe, lowercase=not args.keep_case, remove_punct=not args.keep_punct)
+        rows, scores = round_trip(records, transcribe, lowercase=not args.keep_case, remove_punct=not args.keep_punct,
+                                  of=args.of)
         write_scores(rows, {"examples": len(rows), **scores.summary()}, args.out, args.summary)

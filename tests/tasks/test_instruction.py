@@ -238,6 +238,14 @@ def test_round_trip_transcribes_spoken_answers_with_the_models_asr(cli, trained,
     assert summary["roundtrip_wer"] == {"n": 3, "rate": round(100 * sum(errors) / sum(len(a.split()) for a in answers),
                                                               2)}
     assert summary["roundtrip_reference_wer"]["n"] == 3
+    # --of reference: the references' spoken answers (<1> in each), against the reference answer
+    cli("speechgpt", "round-trip", tmp_path / "gen.txt", "--model", ckpt, "--instruction", "Write down what is said.",
+        "--of", "reference", "--out", tmp_path / "ref.jsonl", "--no-progress")
+    rows = [json.loads(line) for line in (tmp_path / "ref.jsonl").read_text().splitlines()]
+    heard = strip_answer_end(model.generate([instruction_prompt("Write down what is said.", "<sosp><1><eosp>")],
+                                            max_new_tokens=64)[0])
+    assert [(r["transcript"], r["units_r"]) for r in rows] == [(heard, 1)] * 3
+    assert len({r["roundtrip_wer"] for r in rows}) == 1
 
 
 def test_examples_longer_than_the_task_allows_are_refused_when_the_split_loads():
