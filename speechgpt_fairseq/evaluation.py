@@ -142,8 +142,7 @@ def round_trip(records: dict[int, dict[str, str]], transcribe, lowercase: bool =
     it, the round trip's ceiling."""
     if of not in ("hypothesis", "reference"):
         raise ValueError(f"of: 'hypothesis' or 'reference', not {of!r}")
-    parsed = {key: (parse_response(r["reference"]), parse_response(r[of] if of == "hypothesis" else r["reference"]))
-              for key, r in records.items()}
+    parsed = {key: (parse_response(r["reference"]), parse_response(r[of])) for key, r in records.items()}
     spoken = [key for key, (_, hyp) in parsed.items() if hyp.get("units_r")]
     heard = dict(zip(spoken, transcribe([parsed[key][1]["units_r"] for key in spoken])))
     scores, rows = Scores(), []

@@ -143,15 +143,15 @@ class DemoPipeline:
         # stage 3: the training questions in every format, "say SENTENCE" answered in speech, and stage 2's data
         # again (rehearsed, so that the knowledge, recognition and synthesis it taught are kept); the held-out
         # questions spoken (s2s) and typed (t2t)
-        com = {"com": ("qa_train", COM_MIX), "say": ("say_train", "t2s"), "valid": ("qa_valid", "s2s"),
-               "test": ("qa_test", "s2s"), "test_typed": ("qa_test", "t2t")}
-        for name, (manifest, fmt) in com.items():
+        com = {"com": ("qa_train", COM_MIX), "say": ("say_train", "t2s=1"), "valid": ("qa_valid", "s2s=1"),
+               "test": ("qa_test", "s2s=1"), "test_typed": ("qa_test", "t2t=1")}
+        for name, (manifest, mix) in com.items():
             split = manifest.split("_")[1]
             units = (["--units-r", self.units(f"{split}_assistant")] if manifest.startswith("say") else
                      ["--units-i", self.units(f"qa_{split}_questions"), "--units-r", self.units(f"qa_{split}_answers")])
             steps.append(Step(f"stage3-{name}", [
                 "speechgpt", "build-com", "--manifest", self.path("corpus", f"{manifest}.jsonl"), *units,
-                "--mix", fmt if "=" in fmt else f"{fmt}=1", "--num-units", str(NUM_UNITS), "--seed", str(self.seed),
+                "--mix", mix, "--num-units", str(NUM_UNITS), "--seed", str(self.seed),
                 "--out", self.stage3_file(name), "--no-progress"]))
         steps.append(Step("stage3-data", [
             "speechgpt", "prepare-sft", *vocab, "--out", self.path("stage3", "data-bin"), "--overwrite",
