@@ -1,21 +1,32 @@
-"""Training-step throughput of our LLaMA against Hugging Face's `LlamaForCausalLM`, same shape, same batch.
+"""Training-step throughput of our LLaMA as fairseq-hydra-train runs it, against Hugging Face's
+`LlamaForCausalLM` as SpeechGPT trains it: same shape, same weights, same batch.
 
-One step is forward, next-token cross-entropy (mean over tokens), backward, `AdamW.step` and `zero_grad`.
-Both models hold the same weights and see the same random batch; their steps are timed alternately
-(ours, HF, HF, ours, ...) so that drift on a shared machine and the order within a pair hit both alike, and
-the median step time is reported as tokens per second, in fp32 and under bf16 autocast.
+Ours: the model, our criterion (`speechgpt_cross_entropy`: summed loss over the loss positions, per-modality
+metrics, the output layer at loss positions only) divided by the token count as fairseq does, and our optimizer
+(`speechgpt_adamw`'s kernel choice). HF: `model(input_ids, labels=...)` with -100 on the positions without loss,
+and torch's fused AdamW (HF Trainer's default optimizer). Two kinds of step:
+  lm   every position has a loss (stage 1, pretraining);
+  sft  the first half of every example is prompt, without loss (SpeechInstruct's ASR/TTS/chain-of-modality
+       examples are about half prompt): a response-only loss.
+Steps are timed alternately (ours, HF, HF, ours, ...) so that drift on a shared machine and the order within a
+pair hit both alike, and the median step time is reported as tokens per second, in fp32 and under bf16 autocast.
+
+Achieved FLOP/s count the work a step needs: 6 x the non-embedding parameters per token, with the output layer
+only where a loss is taken, plus 12 x layers x width x sequence per token for attention. The same run measures
+the machine's own limit, a 4096 x 4096 matmul in the step's dtype, and prints each side's share of it.
 
 Read `ratio ours/HF: Z` as our tokens/s over HF's: above 1 ours is faster, below 1 slower. On a busy machine
 a few steps can land in a burst of other load; then the s/step ranges are wide and the median ratio swings.
 On a CPU the process's CPU seconds per step hardly change under such load: their ratio (HF's over ours,
 so again above 1 means ours is faster) is the steadier guide there.
 
-    python benchmarks/train_step.py [--steps 4] [--warmup 2] [--device cpu] [--modes fp32,bf16]
+    python benchmarks/train_step.py [--steps 4] [--warmup 2] [--device cpu] [--modes fp32,bf16] [--kinds lm,sft]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import platform
 import statistics
 import time
@@ -24,9 +35,10 @@ import speechgpt_fairseq
 
 speechgpt_fairseq.register()
 import torch
-import torch.nn.functional as F
 import transformers
+from speechgpt_fairseq.criterions.cross_entropy import SpeechGPTCrossEntropyCriterion
 from speechgpt_fairseq.data.vocabulary import Vocabulary
+from speechgpt_fairseq.models.kernels import adamw
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 
 VOCAB = 33006  # 3 base tokens + units + 6 SpeechGPT tokens
@@ -57,25 +69,61 @@ def build_hf(ours: SpeechGPTLlamaModel, seq: int) -> transformers.LlamaForCausal
     return hf
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor, pad: int) -> torch.Tensor:
-    # our criterion's loss, divided by the token count. HF gets the same function on its logits rather than
-    # its `labels=` loss (also an fp32 upcast + cross-entropy), so both sides do identical loss work.
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
-                           ignore_index=pad, reduction="sum")
-    return loss / target.ne(pad).sum()
+class Task:
+    """What our criterion reads of a fairseq task."""
+
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
+        self.target_dictionary = vocab.to_dictionary()
 
 
-def make_step(model, forward, opt, tokens, target, pad, autocast, sync):
+def make_step(model, loss_of, opt, autocast, sync):
     def step() -> tuple[float, float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         with autocast():
-            loss = loss_fn(forward(model, tokens), target, pad)
+            loss = loss_of(model)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         return time.perf_counter() - t0, time.process_time() - c0, loss.item()
     return step
+
+
+def ours_loss(criterion, sample):
+    def loss_of(model):
+        loss, sample_size, _ = criterion(model, sample)
+        return loss / sample_size  # fairseq divides the gradients by the sample size; the same work
+    return loss_of
+
+
+def hf_loss(tokens, labels):
+    def loss_of(model):
+        # `shift_labels`: the labels are already next tokens, so HF scores the same positions as ours
+        return model(input_ids=tokens, labels=labels, shift_labels=labels, use_cache=False).loss
+    return loss_of
+
+
+def step_flops(model, tokens: int, loss_positions: int, seq: int) -> float:
+    """FLOPs a step needs: 6 per parameter per token (the output layer at loss positions only) + attention."""
+    decoder = model.decoder
+    head = decoder.output_weight.numel()
+    body = sum(p.numel() for n, p in decoder.named_parameters() if n.startswith(("layers.", "norm.")))
+    return 6 * body * tokens + 6 * head * loss_positions + 12 * LAYERS * DIM * seq * tokens
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sync, n: int = 4096, reps: int = 4) -> float:
+    """FLOP/s of the best of `reps` n x n matmuls: what this machine reaches on the most favourable work."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    sync()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 def machine(device: torch.device) -> str:
@@ -96,63 +144,84 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--modes", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    p.add_argument("--kinds", default="lm,sft", help="comma-separated: lm (loss everywhere), sft (response only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the token batch")
     args = p.parse_args()
-    modes = args.modes.split(",")
+    modes, kinds = args.modes.split(","), args.kinds.split(",")
     if bad := set(modes) - {"fp32", "bf16"}:
         p.error(f"unknown mode(s) {sorted(bad)} in --modes; expected fp32 and/or bf16")
+    if bad := set(kinds) - {"lm", "sft"}:
+        p.error(f"unknown kind(s) {sorted(bad)} in --kinds; expected lm and/or sft")
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     print(f"machine: {machine(device)} ({args.device}), torch {torch.__version__}, "
           f"transformers {transformers.__version__}, threads {torch.get_num_threads()}")
-    vocab = Vocabulary.units_only(num_units=VOCAB - 3 - 6).to_dictionary()
-    assert len(vocab) == VOCAB, len(vocab)
-    pad = vocab.pad()
+    vocab = Vocabulary.units_only(num_units=VOCAB - 3 - 6)
+    dictionary = vocab.to_dictionary()
+    assert len(dictionary) == VOCAB, len(dictionary)
+    pad = dictionary.pad()
     torch.manual_seed(args.seed)
-    batch = torch.randint(vocab.nspecial, VOCAB, (args.batch, args.seq + 1), device=device)  # no pad tokens
+    batch = torch.randint(dictionary.nspecial, VOCAB, (args.batch, args.seq + 1), device=device)  # no pad tokens
     tokens, target = batch[:, :-1], batch[:, 1:]
-    ntok = target.ne(pad).sum().item()
+    ntok = tokens.numel()
     print(f"shape: {LAYERS} layers, width {DIM}, ffn {FFN}, {HEADS} heads, {KV_HEADS} kv heads, vocab {VOCAB}, "
           f"batch {args.batch} x seq {args.seq} = {ntok} tokens/step; warmup {args.warmup}, steps {args.steps}")
+    criterion = SpeechGPTCrossEntropyCriterion(Task(vocab))
 
     for mode in modes:
-        # fresh models per mode, so AdamW state and weights start equal on both sides
-        torch.manual_seed(args.seed)
-        ours = build_ours(vocab, args.seq).to(device).train()
-        hf = build_hf(ours, args.seq).to(device).train()
-        n_ours, n_hf = (sum(q.numel() for q in m.parameters()) for m in (ours, hf))
-        print(f"{mode}  parameters  ours: {n_ours:,}  HF: {n_hf:,}")
         autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if mode == "bf16"
                     else contextlib.nullcontext)
-        steps = {
-            "ours": make_step(ours, lambda m, x: m(x)[0], torch.optim.AdamW(ours.parameters(), lr=1e-4),
-                              tokens, target, pad, autocast, sync),
-            "HF": make_step(hf, lambda m, x: m(input_ids=x, use_cache=False).logits,
-                            torch.optim.AdamW(hf.parameters(), lr=1e-4), tokens, target, pad, autocast, sync),
-        }
-        times, cpu = {name: [] for name in steps}, {name: [] for name in steps}
-        losses = {}
-        for i in range(args.warmup + args.steps):
-            # interleaved, the order flipped every repetition (ours, HF, HF, ours, ...): the step that runs first
-            # in a pair measured a few percent slower here, whichever model it was
-            for name, step in (list(steps.items()) if (i - args.warmup) % 2 == 0 else reversed(steps.items())):
-                dt, dc, loss = step()
-                losses.setdefault(name, loss)  # first step: same weights, same batch -> same loss
-                if i >= args.warmup:
-                    times[name].append(dt)
-                    cpu[name].append(dc)
-        rate = {name: ntok / statistics.median(t) for name, t in times.items()}
-        print(f"{mode}  first-step loss  ours: {losses['ours']:.4f}  HF: {losses['HF']:.4f}")
-        # the s/step range shows how noisy the machine was: a wide one calls for more --steps
-        print(f"{mode}  " + "  ".join(f"{name}: {rate[name]:,.0f} tok/s (median {statistics.median(t):.2f} s/step, "
-                                      f"range {min(t):.2f}-{max(t):.2f})" for name, t in times.items()))
-        print(f"ratio ours/HF: {rate['ours'] / rate['HF']:.3f}")
-        if device.type == "cpu":
-            c = {name: statistics.median(t) for name, t in cpu.items()}
-            print(f"{mode}  CPU s/step  ours: {c['ours']:.2f}  HF: {c['HF']:.2f}  "
-                  f"CPU-time ratio HF/ours: {c['HF'] / c['ours']:.3f}")
-        del ours, hf, steps
+        peak = matmul_peak(device, torch.bfloat16 if mode == "bf16" else torch.float32, sync)
+        print(f"{mode}  matmul peak (4096 x 4096, {mode}): {peak / 1e9:,.1f} GFLOP/s")
+        for kind in kinds:
+            loss_target = target.clone()
+            if kind == "sft":
+                loss_target[:, :args.seq // 2] = pad  # the prompt half: no loss
+            loss_positions = int(loss_target.ne(pad).sum())
+            sample = {"net_input": {"src_tokens": tokens}, "target": loss_target, "ntokens": loss_positions,
+                      "nsentences": args.batch}
+            labels = loss_target.masked_fill(loss_target.eq(pad), -100)
+            # fresh models per mode and kind, so AdamW state and weights start equal on both sides
+            torch.manual_seed(args.seed)
+            ours = build_ours(dictionary, args.seq).to(device).train()
+            hf = build_hf(ours, args.seq).to(device).train()
+            flops = step_flops(ours, ntok, loss_positions, args.seq)
+            print(f"{mode} {kind}  {loss_positions} of {ntok} positions with a loss; a step needs "
+                  f"{flops / 1e12:.2f} TFLOP")
+            steps = {
+                "ours": make_step(ours, ours_loss(criterion, sample), adamw(ours.parameters(), 1e-4, (0.9, 0.999),
+                                                                            1e-8, 0.01), autocast, sync),
+                "HF": make_step(hf, hf_loss(tokens, labels),
+                                torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01,
+                                                  fused=device.type in ("cpu", "cuda")), autocast, sync),
+            }
+            times, cpu = {name: [] for name in steps}, {name: [] for name in steps}
+            losses = {}
+            for i in range(args.warmup + args.steps):
+                # interleaved, the order flipped every repetition (ours, HF, HF, ours, ...): the step that runs
+                # first in a pair measured a few percent slower here, whichever model it was
+                for name, step in (list(steps.items()) if (i - args.warmup) % 2 == 0 else reversed(steps.items())):
+                    dt, dc, loss = step()
+                    losses.setdefault(name, loss)  # first step: same weights, same batch -> same loss
+                    if i >= args.warmup:
+                        times[name].append(dt)
+                        cpu[name].append(dc)
+            rate = {name: ntok / statistics.median(t) for name, t in times.items()}
+            print(f"{mode} {kind}  first-step loss  ours: {losses['ours']:.4f}  HF: {losses['HF']:.4f}")
+            # the s/step range shows how noisy the machine was: a wide one calls for more --steps
+            print(f"{mode} {kind}  " + "  ".join(
+                f"{name}: {rate[name]:,.0f} tok/s (median {statistics.median(t):.2f} s/step, "
+                f"range {min(t):.2f}-{max(t):.2f})" for name, t in times.items()))
+            print(f"{mode} {kind}  achieved  " + "  ".join(
+                f"{name}: {flops / statistics.median(t) / 1e9:,.1f} GFLOP/s "
+                f"({100 * flops / statistics.median(t) / peak:.0f}% of the matmul peak)" for name, t in times.items()))
+            if device.type == "cpu":
+                c = {name: statistics.median(t) for name, t in cpu.items()}
+                print(f"{mode} {kind}  CPU s/step  ours: {c['ours']:.2f}  HF: {c['HF']:.2f}  "
+                      f"CPU-time ratio HF/ours: {c['HF'] / c['ours']:.3f}")
+            print(f"{mode} {kind}  ratio ours/HF: {rate['ours'] / rate['HF']:.3f}")
+            del ours, hf, steps
 
 
 if __name__ == "__main__":

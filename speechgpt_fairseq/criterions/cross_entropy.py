@@ -1,7 +1,8 @@
 """Next-token cross-entropy on the targets the task marks for loss, with metrics per modality.
 
 The task sets non-loss positions of `sample["target"]` to pad (loss policy, padding); this criterion sums the
-loss over the rest. Besides the overall loss it logs loss, perplexity and accuracy separately for unit tokens
+loss over the rest, and the model runs its output layer at those positions only (with a response-only loss,
+about half of an SFT example is prompt, and the output layer is a large share of a step). Besides the overall loss it logs loss, perplexity and accuracy separately for unit tokens
 (`<0>` … `<K-1>`) and for every other token ("text": words, markers such as `<sosp>`, and `</s>`).
 With `loss_chunk_tokens` set, the output layer and the loss run on that many tokens at a time and are recomputed
 in the backward pass, so the (tokens, vocabulary) logits never exist whole (33k x 4 bytes per token in fp32).
@@ -70,22 +71,21 @@ class SpeechGPTCrossEntropyCriterion(FairseqCriterion):
 
     def forward(self, model, sample, reduce=True):
         target = sample["target"].reshape(-1)
+        at = target.ne(self.padding_idx).nonzero().squeeze(1)  # the loss positions: logits are computed there only
+        target = target.index_select(0, at)
         if self.chunk:
-            features, _ = model(**sample["net_input"], features_only=True)
-            loss, nll, predicted = chunked_token_losses(features.reshape(-1, features.size(-1)),
-                                                        model.decoder.output_weight, target, self.chunk,
+            features, _ = model(**sample["net_input"], features_only=True, logits_at=at)
+            loss, nll, predicted = chunked_token_losses(features, model.decoder.output_weight, target, self.chunk,
                                                         self.padding_idx, self.eps)
         else:
-            logits, _ = model(**sample["net_input"])
-            loss, nll, predicted = token_losses(logits.reshape(-1, logits.size(-1)), target, self.padding_idx,
-                                                self.eps)
+            logits, _ = model(**sample["net_input"], logits_at=at)
+            loss, nll, predicted = token_losses(logits, target, self.padding_idx, self.eps)
         log = {"loss": loss.detach(), "nll_loss": nll.detach().sum(), "ntokens": sample["ntokens"],
                "nsentences": sample["nsentences"], "sample_size": sample["ntokens"]}
         with torch.no_grad():
-            mask = target.ne(self.padding_idx)
             is_unit = (target >= self.unit_range[0]) & (target < self.unit_range[1])
-            correct = mask & predicted.eq(target)
-            for name, where in (("text", mask & ~is_unit), ("unit", mask & is_unit)):
+            correct = predicted.eq(target)
+            for name, where in (("text", ~is_unit), ("unit", is_unit)):
                 log[f"{name}_nll"] = nll[where].sum()
                 log[f"{name}_ntokens"] = int(where.sum())
                 log[f"{name}_correct"] = int(correct[where].sum())

@@ -22,14 +22,15 @@ class Task:
 
 
 class FixedLogits(torch.nn.Module):
-    """A "model" returning given logits, so the expected numbers can be computed by hand."""
+    """A "model" returning given logits (at the flattened positions the criterion asks for, as the LLaMA does),
+    so the expected numbers can be computed by hand."""
 
     def __init__(self, logits):
         super().__init__()
         self.logits = logits
 
-    def forward(self, src_tokens, src_lengths=None):
-        return self.logits, {}
+    def forward(self, src_tokens, src_lengths=None, logits_at=None):
+        return self.logits.reshape(-1, self.logits.size(-1))[logits_at], {}
 
 
 def sample_and_logits():
@@ -132,6 +133,34 @@ def test_chunked_criterion_equals_the_plain_one_and_never_holds_all_logits(monke
 
     monkeypatch.setattr(F, "linear", recording_linear)
     SpeechGPTCrossEntropyCriterion(Task, loss_chunk_tokens=3)(model, sample)[0].backward()
-    assert sorted(rows) == [1, 1, 3, 3, 3, 3, 3, 3]  # 10 tokens: 4 chunks in the forward, 4 recomputed
+    assert sorted(rows) == [1, 1, 3, 3, 3, 3]  # 7 loss positions: 3 chunks in the forward, 3 recomputed
     with pytest.raises(ValueError, match="loss_chunk_tokens must be 0"):
         SpeechGPTCrossEntropyCriterion(Task, loss_chunk_tokens=-1)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_the_output_layer_runs_at_loss_positions_only(chunk, monkeypatch):
+    """The loss, its per-modality logs and every parameter's gradient equal those from the logits of every position
+    (the model's plain forward), while the output layer sees the loss positions only."""
+    model = _tiny_model(VOCAB)
+    sample, _, target = sample_and_logits()
+    logits, _ = model(target)  # (B, T, V) at every position
+    expected = token_losses(logits.reshape(-1, logits.size(-1)), target.reshape(-1), 0, 0.0)[0]
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+
+    rows, linear = [], F.linear
+    vocab_size = model.decoder.output_weight.size(0)
+
+    def recording_linear(x, w, b=None):
+        if w.size(0) == vocab_size:
+            rows.append(x.numel() // x.size(-1))
+        return linear(x, w, b)
+
+    monkeypatch.setattr(F, "linear", recording_linear)
+    loss, size, log = SpeechGPTCrossEntropyCriterion(Task, loss_chunk_tokens=chunk)(model, sample)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, expected)
+    assert size == 7 and log["text_ntokens"] + log["unit_ntokens"] == 7
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b)
+    assert sum(rows[:len(rows) // 2 if chunk else None]) == 7  # not the 10 positions of the batch
