@@ -9,7 +9,8 @@ allocates AdamW's state) the peak is reset and the timed steps run: `peak` is th
 and `step peak` is that minus the memory in use before the timed steps, i.e. what a training step needs on top
 of the model and the optimizer state. All settings see the same weights and batch, so their first-step losses
 must agree. Read `ratio` as the setting's value over the anchor's: below 1 for memory means it saves memory,
-below 1 for tokens/s means it costs time (recomputation).
+below 1 for tokens/s means it costs time (activation checkpointing recomputes each block; the chunked loss
+recomputes nothing).
 
     python benchmarks/memory.py [--steps 2] [--device cpu] [--batch 4] [--seq 1024] [--chunk 1024] [--bf16]
 """

@@ -2,8 +2,9 @@
 `LlamaForCausalLM` as SpeechGPT trains it: same shape, same weights, same batch.
 
 Ours: the model, our criterion (`speechgpt_cross_entropy`: summed loss over the loss positions, per-modality
-metrics, the output layer at loss positions only) divided by the token count as fairseq does, and our optimizer
-(`speechgpt_adamw`'s kernel choice). HF: `model(input_ids, labels=...)` with -100 on the positions without loss,
+metrics, the output layer at loss positions only, `loss_chunk_tokens` as the paper configs set it: the output
+layer, loss and their gradients 1024 positions at a time) divided by the token count as fairseq does, and our
+optimizer (`speechgpt_adamw`'s kernel choice). HF: `model(input_ids, labels=...)` with -100 on the positions without loss,
 and torch's fused AdamW (HF Trainer's default optimizer). Two kinds of step:
   lm   every position has a loss (stage 1, pretraining);
   sft  the first half of every example is prompt, without loss (SpeechInstruct's ASR/TTS/chain-of-modality
@@ -42,6 +43,7 @@ from speechgpt_fairseq.models.kernels import adamw
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 
 VOCAB = 33006  # 3 base tokens + units + 6 SpeechGPT tokens
+PAPER_LOSS_CHUNK = 1024  # criterion.loss_chunk_tokens in the paper-scale configs
 DIM, LAYERS, HEADS, KV_HEADS = 512, 8, 8, 2
 # LLaMA's SwiGLU width: 2/3 * 4 * dim = 1365, rounded up to a multiple of 128 -> 1408
 FFN = 128 * -(-int(2 * 4 * DIM / 3) // 128)
@@ -145,6 +147,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--modes", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     p.add_argument("--kinds", default="lm,sft", help="comma-separated: lm (loss everywhere), sft (response only)")
+    p.add_argument("--loss-chunk", type=int, default=PAPER_LOSS_CHUNK,
+                   help="our criterion.loss_chunk_tokens; default: the paper configs' (examples/stage*/llama_7b.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the token batch")
     args = p.parse_args()
     modes, kinds = args.modes.split(","), args.kinds.split(",")
@@ -167,7 +171,8 @@ def main() -> None:
     ntok = tokens.numel()
     print(f"shape: {LAYERS} layers, width {DIM}, ffn {FFN}, {HEADS} heads, {KV_HEADS} kv heads, vocab {VOCAB}, "
           f"batch {args.batch} x seq {args.seq} = {ntok} tokens/step; warmup {args.warmup}, steps {args.steps}")
-    criterion = SpeechGPTCrossEntropyCriterion(Task(vocab))
+    criterion = SpeechGPTCrossEntropyCriterion(Task(vocab), loss_chunk_tokens=args.loss_chunk)
+    print(f"our criterion.loss_chunk_tokens: {args.loss_chunk}")
 
     for mode in modes:
         autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if mode == "bf16"

@@ -4,8 +4,9 @@ The task sets non-loss positions of `sample["target"]` to pad (loss policy, padd
 loss over the rest, and the model runs its output layer at those positions only (with a response-only loss,
 about half of an SFT example is prompt, and the output layer is a large share of a step). Besides the overall loss it logs loss, perplexity and accuracy separately for unit tokens
 (`<0>` … `<K-1>`) and for every other token ("text": words, markers such as `<sosp>`, and `</s>`).
-With `loss_chunk_tokens` set, the output layer and the loss run on that many tokens at a time and are recomputed
-in the backward pass, so the (tokens, vocabulary) logits never exist whole (33k x 4 bytes per token in fp32).
+With `loss_chunk_tokens` set, the output layer and the loss run on that many tokens at a time, each chunk's
+gradients computed with its loss, so the (tokens, vocabulary) logits never exist whole (33k x 4 bytes per token in
+fp32) and nothing is recomputed.
 """
 import math
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from speechgpt_fairseq.errors import InputError
 
@@ -28,8 +28,8 @@ class SpeechGPTCrossEntropyConfig(FairseqDataclass):
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing epsilon (0 = none); perplexity "
                                                                    "and per-modality losses stay unsmoothed"})
     loss_chunk_tokens: int = field(
-        default=0, metadata={"help": "compute logits and loss this many tokens at a time, recomputed in the backward "
-                                     "pass, so the full (tokens, vocab) logits are never held; 0 = all at once"})
+        default=0, metadata={"help": "compute logits, loss and their gradients this many tokens at a time, so the "
+                                     "full (tokens, vocab) logits are never held; 0 = all at once"})
 
 
 def token_losses(logits: Tensor, target: Tensor, ignore_index: int, smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -41,17 +41,69 @@ def token_losses(logits: Tensor, target: Tensor, ignore_index: int, smoothing: f
     return loss, nll.detach(), logits.detach().argmax(-1)
 
 
-def chunked_token_losses(features: Tensor, weight: Tensor, target: Tensor, chunk: int, ignore_index: int,
-                         smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
-    """`token_losses(features @ weight.T, ...)` for (N, C) features and the (V, C) output weight, `chunk` tokens
-    at a time: each chunk's logits are dropped after its loss and recomputed in the backward pass."""
-    def one(f: Tensor, w: Tensor, t: Tensor):
-        return token_losses(F.linear(f, w), t, ignore_index, smoothing)
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The output layer and the summed cross-entropy, `chunk` rows at a time, each chunk's gradients computed as
+    soon as its loss: the backward pass only scales them, so nothing is recomputed and no chunk's logits are kept."""
 
-    parts = [checkpoint(one, f, weight, t, use_reentrant=False)
-             for f, t in zip(features.split(chunk), target.split(chunk))]
-    loss, nll, predicted = zip(*parts)
-    return torch.stack(loss).sum(), torch.cat(nll), torch.cat(predicted)
+    @staticmethod
+    def forward(ctx, features, weight, target, chunk, smoothing, dtype, with_grad):
+        n, vocab = target.numel(), weight.size(0)
+        w = weight.to(dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=features.device)
+        nll = torch.empty(n, dtype=torch.float32, device=features.device)
+        predicted = torch.empty(n, dtype=torch.long, device=features.device)
+        grad_features = torch.empty_like(features) if with_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+        # one (chunk, V) fp32 buffer for every chunk's logits: a fresh one per chunk costs its page faults again
+        buffer = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=features.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            f, t = features[rows].to(dtype), target[rows]
+            logits = buffer[:len(t)]
+            if dtype == torch.float32:
+                torch.mm(f, w.t(), out=logits)
+            else:
+                logits.copy_(F.linear(f, w))  # the matmul in the autocast dtype, the loss in fp32
+            lse = logits.logsumexp(-1)
+            nll[rows] = lse - logits.gather(1, t[:, None]).squeeze(1)
+            predicted[rows] = logits.argmax(-1)
+            # label smoothing: (1 - eps) x nll + eps x the mean over the vocabulary of -log p
+            loss += nll[rows].sum() if smoothing == 0 else \
+                ((1 - smoothing) * nll[rows] + smoothing * (lse - logits.mean(-1))).sum()
+            if with_grad:  # d loss / d logits = softmax - the smoothed one-hot target, in place of the logits
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad.scatter_add_(1, t[:, None], grad.new_full((len(t), 1), smoothing - 1))
+                if smoothing:
+                    grad.sub_(smoothing / vocab)
+                grad = grad.to(dtype)
+                grad_features[rows] = grad @ w
+                if dtype == torch.float32:
+                    grad_weight.addmm_(grad.t(), f)
+                else:
+                    grad_weight.add_(grad.t() @ f)
+        ctx.save_for_backward(grad_features, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(nll, predicted)
+        return loss, nll, predicted
+
+    @staticmethod
+    def backward(ctx, grad_loss, _nll, _predicted):
+        grad_features, grad_weight = ctx.saved_tensors
+        return (grad_features * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype),
+                None, None, None, None, None)
+
+
+def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, chunk: int,
+                         smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """`token_losses(F.linear(features, weight), target, ...)` for (N, C) features, the (V, C) output weight and
+    N targets (every one with a loss), `chunk` tokens at a time: the (N, V) logits never exist whole, and each
+    chunk's gradients are computed in the forward pass (a (V, C) fp32 buffer), so nothing is recomputed. Under
+    autocast the matmuls run in its dtype, the loss in fp32, as without chunks."""
+    device = features.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    with_grad = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad)
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(features, weight, target, chunk, smoothing, dtype, with_grad)
 
 
 @register_criterion("speechgpt_cross_entropy", dataclass=SpeechGPTCrossEntropyConfig)
@@ -75,8 +127,8 @@ class SpeechGPTCrossEntropyCriterion(FairseqCriterion):
         target = target.index_select(0, at)
         if self.chunk:
             features, _ = model(**sample["net_input"], features_only=True, logits_at=at)
-            loss, nll, predicted = chunked_token_losses(features, model.decoder.output_weight, target, self.chunk,
-                                                        self.padding_idx, self.eps)
+            loss, nll, predicted = linear_cross_entropy(features, model.decoder.output_weight, target, self.chunk,
+                                                        self.eps)
         else:
             logits, _ = model(**sample["net_input"], logits_at=at)
             loss, nll, predicted = token_losses(logits, target, self.padding_idx, self.eps)

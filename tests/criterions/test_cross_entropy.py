@@ -9,7 +9,7 @@ from fairseq import metrics
 import speechgpt_fairseq
 
 speechgpt_fairseq.register()
-from speechgpt_fairseq.criterions.cross_entropy import (SpeechGPTCrossEntropyCriterion, chunked_token_losses,
+from speechgpt_fairseq.criterions.cross_entropy import (SpeechGPTCrossEntropyCriterion, linear_cross_entropy,
                                                           token_losses)
 from speechgpt_fairseq.data.vocabulary import Vocabulary
 
@@ -83,16 +83,41 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(smoothing):
     features = torch.randn(37, 16, requires_grad=True)
     weight = torch.randn(23, 16, requires_grad=True)
     target = torch.randint(0, 23, (37,))
-    target[::4] = 0  # pad: no loss
-    plain = token_losses(F.linear(features, weight), target, 0, smoothing)
-    plain_grads = torch.autograd.grad(plain[0], (features, weight))
-    chunked = chunked_token_losses(features, weight, target, 5, 0, smoothing)  # 5 does not divide 37
-    chunked_grads = torch.autograd.grad(chunked[0], (features, weight))
+    plain = token_losses(F.linear(features, weight), target, -100, smoothing)
+    plain_grads = torch.autograd.grad(plain[0] * 0.5, (features, weight))
+    chunked = linear_cross_entropy(features, weight, target, 5, smoothing)  # 5 does not divide 37
+    chunked_grads = torch.autograd.grad(chunked[0] * 0.5, (features, weight))  # the incoming gradient scales
     torch.testing.assert_close(chunked[0], plain[0])
     torch.testing.assert_close(chunked[1], plain[1])
     assert torch.equal(chunked[2], plain[2])  # argmax
     for a, b in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_autocast_loss():
+    """Matmuls in bf16, the loss in fp32, gradients in the parameters' dtype: as autocast does without chunks."""
+    torch.manual_seed(0)
+    features = torch.randn(40, 32, requires_grad=True)
+    weight = torch.randn(50, 32, requires_grad=True)
+    target = torch.randint(0, 50, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = token_losses(F.linear(features, weight), target, -100, 0.0)
+        chunked = linear_cross_entropy(features, weight, target, 16)
+    plain_grads = torch.autograd.grad(plain[0], (features, weight))
+    chunked_grads = torch.autograd.grad(chunked[0], (features, weight))
+    assert chunked[0].dtype == torch.float32 and chunked_grads[1].dtype == torch.float32
+    torch.testing.assert_close(chunked[0], plain[0], rtol=1e-3, atol=1e-3)
+    for a, b in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_chunked_loss_without_gradients_computes_none():
+    torch.manual_seed(0)
+    features, weight, target = torch.randn(9, 4), torch.randn(6, 4, requires_grad=True), torch.randint(0, 6, (9,))
+    with torch.no_grad():
+        loss, _, _ = linear_cross_entropy(features, weight, target, 4)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, token_losses(F.linear(features, weight), target, -100, 0.0)[0].detach())
 
 
 def _tiny_model(vocab):
@@ -104,9 +129,28 @@ def _tiny_model(vocab):
     return SpeechGPTLlamaModel.from_config(cfg, vocab.to_dictionary())
 
 
+def record_output_layer_rows(monkeypatch, vocab_size: int) -> list[int]:
+    """The number of rows of every product that makes vocabulary-wide logits (F.linear or torch.mm), from now on."""
+    rows, linear, mm = [], F.linear, torch.mm
+
+    def recording_linear(x, w, b=None):
+        if w.size(0) == vocab_size:
+            rows.append(x.numel() // x.size(-1))
+        return linear(x, w, b)
+
+    def recording_mm(a, b, **kwargs):
+        if b.size(-1) == vocab_size:
+            rows.append(a.size(0))
+        return mm(a, b, **kwargs)
+
+    monkeypatch.setattr(F, "linear", recording_linear)
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    return rows
+
+
 def test_chunked_criterion_equals_the_plain_one_and_never_holds_all_logits(monkeypatch):
     """Same loss, logging outputs and parameter gradients; no output-layer product covers more than a chunk
-    of tokens, in the forward pass or in the backward's recomputation."""
+    of tokens, and none is recomputed in the backward pass."""
     model = _tiny_model(VOCAB)
     sample, _, target = sample_and_logits()  # 10 positions, 7 of them loss positions
     results = []
@@ -123,17 +167,9 @@ def test_chunked_criterion_equals_the_plain_one_and_never_holds_all_logits(monke
     for a, b in zip(grads3, grads0):
         torch.testing.assert_close(a, b)
 
-    rows, linear = [], F.linear
-    vocab_size = model.decoder.output_weight.size(0)
-
-    def recording_linear(x, w, b=None):
-        if w.size(0) == vocab_size:
-            rows.append(x.numel() // x.size(-1))
-        return linear(x, w, b)
-
-    monkeypatch.setattr(F, "linear", recording_linear)
+    rows = record_output_layer_rows(monkeypatch, model.decoder.output_weight.size(0))
     SpeechGPTCrossEntropyCriterion(Task, loss_chunk_tokens=3)(model, sample)[0].backward()
-    assert sorted(rows) == [1, 1, 3, 3, 3, 3]  # 7 loss positions: 3 chunks in the forward, 3 recomputed
+    assert sorted(rows) == [1, 3, 3]  # 7 loss positions: 3 chunks in the forward, none recomputed
     with pytest.raises(ValueError, match="loss_chunk_tokens must be 0"):
         SpeechGPTCrossEntropyCriterion(Task, loss_chunk_tokens=-1)
 
@@ -148,19 +184,11 @@ def test_the_output_layer_runs_at_loss_positions_only(chunk, monkeypatch):
     expected = token_losses(logits.reshape(-1, logits.size(-1)), target.reshape(-1), 0, 0.0)[0]
     expected_grads = torch.autograd.grad(expected, list(model.parameters()))
 
-    rows, linear = [], F.linear
-    vocab_size = model.decoder.output_weight.size(0)
-
-    def recording_linear(x, w, b=None):
-        if w.size(0) == vocab_size:
-            rows.append(x.numel() // x.size(-1))
-        return linear(x, w, b)
-
-    monkeypatch.setattr(F, "linear", recording_linear)
+    rows = record_output_layer_rows(monkeypatch, model.decoder.output_weight.size(0))
     loss, size, log = SpeechGPTCrossEntropyCriterion(Task, loss_chunk_tokens=chunk)(model, sample)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     torch.testing.assert_close(loss, expected)
     assert size == 7 and log["text_ntokens"] + log["unit_ntokens"] == 7
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b)
-    assert sum(rows[:len(rows) // 2 if chunk else None]) == 7  # not the 10 positions of the batch
+    assert sum(rows) == 7  # not the 10 positions of the batch
