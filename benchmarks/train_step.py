@@ -4,8 +4,8 @@
 Ours: the model, our criterion (`speechgpt_cross_entropy`: summed loss over the loss positions, per-modality
 metrics, the output layer at loss positions only, `loss_chunk_tokens` as the paper configs set it: the output
 layer, loss and their gradients 1024 positions at a time) divided by the token count as fairseq does, and our
-optimizer (`speechgpt_adamw`'s kernel choice). HF: `model(input_ids, labels=...)` with -100 on the positions without loss,
-and torch's fused AdamW (HF Trainer's default optimizer). Two kinds of step:
+optimizer (`speechgpt_adamw`'s kernel choice). HF: `model(input_ids, labels=...)` with -100 on the positions
+without loss, and torch's fused AdamW (HF Trainer's default optimizer). Two kinds of step:
   lm   every position has a loss (stage 1, pretraining);
   sft  the first half of every example is prompt, without loss (SpeechInstruct's ASR/TTS/chain-of-modality
        examples are about half prompt): a response-only loss.

@@ -2,8 +2,9 @@
 
 The task sets non-loss positions of `sample["target"]` to pad (loss policy, padding); this criterion sums the
 loss over the rest, and the model runs its output layer at those positions only (with a response-only loss,
-about half of an SFT example is prompt, and the output layer is a large share of a step). Besides the overall loss it logs loss, perplexity and accuracy separately for unit tokens
-(`<0>` … `<K-1>`) and for every other token ("text": words, markers such as `<sosp>`, and `</s>`).
+about half of an SFT example is prompt, and the output layer is a large share of a small model's step). Besides
+the overall loss it logs loss, perplexity and accuracy separately for unit tokens (`<0>` … `<K-1>`) and for every
+other token ("text": words, markers such as `<sosp>`, and `</s>`).
 With `loss_chunk_tokens` set, the output layer and the loss run on that many tokens at a time, each chunk's
 gradients computed with its loss, so the (tokens, vocabulary) logits never exist whole (33k x 4 bytes per token in
 fp32) and nothing is recomputed.
