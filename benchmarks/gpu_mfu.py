@@ -34,16 +34,25 @@ import speechgpt_fairseq
 
 speechgpt_fairseq.register()
 import torch
+import torch.nn.functional as F
 import transformers
 import yaml
 from speechgpt_fairseq.data.vocabulary import Vocabulary
 from speechgpt_fairseq.models import kernels
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
-from train_step import VOCAB, loss_fn, machine
+from train_step import VOCAB, machine
 
 PRESET = Path(speechgpt_fairseq.__file__).parent / "presets" / "model" / "llama_7b.yaml"
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989),
                     ("A100", 312), ("L40S", 362)]  # dense, no sparsity; first match of the device name wins
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, pad: int) -> torch.Tensor:
+    """The summed cross-entropy in fp32 over the non-pad targets, divided by their count: the same loss work on
+    both sides (HF's `labels=` loss is also an fp32 upcast and a cross-entropy)."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
+                           ignore_index=pad, reduction="sum")
+    return loss / target.ne(pad).sum()
 
 
 def peak_tflops(name: str) -> float | None:

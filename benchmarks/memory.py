@@ -31,16 +31,14 @@ SETTINGS = {"plain": (False, False), "checkpoint_activations": (True, False), "c
 
 def worker(args) -> dict:
     """One setting, in this process: a few training steps; what it measured."""
-    import argparse as ap
-
     from speechgpt_fairseq.criterions.cross_entropy import SpeechGPTCrossEntropyCriterion
     from speechgpt_fairseq.data.vocabulary import Vocabulary
-    from train_step import VOCAB, build_ours  # the shape of the training-step benchmark
+    from train_step import VOCAB, Task, build_ours  # the shape of the training-step benchmark
 
     recompute, chunked = SETTINGS[args.setting]
     device = torch.device(args.device)
     vocab = Vocabulary.units_only(num_units=VOCAB - 3 - 6)
-    task = ap.Namespace(vocab=vocab, target_dictionary=vocab.to_dictionary())
+    task = Task(vocab)
     torch.manual_seed(args.seed)
     model = build_ours(task.target_dictionary, args.seq).to(device).train()
     model.decoder.cfg.checkpoint_activations = recompute

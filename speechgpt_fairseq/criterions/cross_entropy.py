@@ -127,11 +127,11 @@ class SpeechGPTCrossEntropyCriterion(FairseqCriterion):
         at = target.ne(self.padding_idx).nonzero().squeeze(1)  # the loss positions: logits are computed there only
         target = target.index_select(0, at)
         if self.chunk:
-            features, _ = model(**sample["net_input"], features_only=True, logits_at=at)
+            features, _ = model(**sample["net_input"], features_only=True, output_at=at)
             loss, nll, predicted = linear_cross_entropy(features, model.decoder.output_weight, target, self.chunk,
                                                         self.eps)
         else:
-            logits, _ = model(**sample["net_input"], logits_at=at)
+            logits, _ = model(**sample["net_input"], output_at=at)
             loss, nll, predicted = token_losses(logits, target, self.padding_idx, self.eps)
         log = {"loss": loss.detach(), "nll_loss": nll.detach().sum(), "ntokens": sample["ntokens"],
                "nsentences": sample["nsentences"], "sample_size": sample["ntokens"]}

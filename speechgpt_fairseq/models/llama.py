@@ -329,16 +329,16 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
 
     # ---- fairseq's decoder contract (training, fairseq's stock SequenceGenerator) ----------------
     def forward(self, prev_output_tokens: Tensor, src_lengths=None, encoder_out=None, incremental_state=None,
-                features_only: bool = False, example_ids: Tensor | None = None, logits_at: Tensor | None = None,
+                features_only: bool = False, example_ids: Tensor | None = None, output_at: Tensor | None = None,
                 **unused):
-        """(logits or features (B, T, ·), extras), fairseq's way. `logits_at` (N,) picks positions of the flattened
+        """(logits or features (B, T, ·), extras), fairseq's way. `output_at` (N,) picks positions of the flattened
         (B * T) sequence: the result is theirs only, (N, ·), and the output layer runs nowhere else (training
         passes the loss positions). With `incremental_state` (fairseq's stock generator) the tokens not yet cached
         go through `step`, and the result covers those only."""
         if incremental_state is None:
             h = self.extract_features(prev_output_tokens, example_ids=example_ids)
-            if logits_at is not None:
-                h = h.reshape(-1, h.size(-1)).index_select(0, logits_at)
+            if output_at is not None:
+                h = h.reshape(-1, h.size(-1)).index_select(0, output_at)
             return (h if features_only else self.output_layer(h)), {"attn": None}
         cache = self.get_incremental_state(incremental_state, "cache")
         n = prev_output_tokens.size(1)

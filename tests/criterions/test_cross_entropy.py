@@ -29,8 +29,8 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = logits
 
-    def forward(self, src_tokens, src_lengths=None, logits_at=None):
-        return self.logits.reshape(-1, self.logits.size(-1))[logits_at], {}
+    def forward(self, src_tokens, src_lengths=None, output_at=None):
+        return self.logits.reshape(-1, self.logits.size(-1))[output_at], {}
 
 
 def sample_and_logits():
