@@ -6,7 +6,10 @@ process group, so each rank keeps 1/world of every parameter, gradient and optim
 block at a time. With `optimization.update_freq` above 1, gradients are reduce-scattered once per update, not
 per micro-batch (`ShardedModel.no_sync`). With `common.bf16=true` the shards stay fp32 and each block computes
 in bf16 (`MixedPrecisionPolicy`), gradients reduced in fp32; fairseq's own bf16 cast and its fp32 master-copy
-optimizer are not used. Checkpoints hold the full state, gathered on rank 0 (not one file per shard): the
+optimizer are not used. A run launched with this backend builds our models on the meta device: each rank
+allocates and draws only its own shards (the weights equal those of the model built whole), and loads a checkpoint
+(resume or `finetune_from_model`) by mapping the file and copying out its own shards; no rank ever holds the whole
+model. Checkpoints hold the full state, gathered on rank 0 (not one file per shard): the
 model is stored as in any fairseq checkpoint (generation, export-hf and fine-tuning read it under any backend),
 the optimizer state keyed by parameter name, so a run resumes with its optimizer under this backend, at any
 number of processes.
@@ -17,7 +20,11 @@ Trainer methods that must differ; every other backend runs through fairseq uncha
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
+import mmap
+import sys
 
 import torch
 import torch.distributed as dist
@@ -25,8 +32,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from speechgpt_fairseq.errors import InputError
 
@@ -44,19 +51,37 @@ def uses_fsdp2(cfg) -> bool:
     return str(cfg.distributed_training.ddp_backend) == BACKEND
 
 
+_sharded_start = False  # set while fairseq's main runs with ddp_backend=fsdp2 (see _build_on_meta_under_fsdp2)
+
+
+def sharded_start() -> bool:
+    """Whether models are being built for this backend: then ours are built on the meta device, and each rank
+    allocates and draws (or loads) only its own shards."""
+    return _sharded_start
+
+
 def shard(model: nn.Module, group, device: torch.device, bf16: bool) -> "ShardedModel":
-    """`fully_shard` each decoder block, then the root (embeddings, final norm, output layer), over `group`."""
-    blocks = getattr(getattr(model, "decoder", None), "layers", None)
-    if blocks is None:
-        raise FSDP2Error(f"ddp_backend={BACKEND} shards a model's `decoder.layers`; {type(model).__name__} has none")
-    mesh = DeviceMesh.from_group(group, device.type)
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
-              else MixedPrecisionPolicy())
-    # fully_shard moves what it shards to the mesh's device, block by block: the whole model is never on one GPU
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    log_shares(model, group)
+    """`fully_shard` each decoder block, then the root (embeddings, final norm, output layer), over `group`. A
+    model on the meta device (built by a sharded start) then gets its shards allocated on `device` and drawn by
+    its `reset_parameters`. A model sharded already is only wrapped."""
+    if not isinstance(model, FSDPModule):
+        blocks = getattr(getattr(model, "decoder", None), "layers", None)
+        if blocks is None:
+            raise FSDP2Error(f"ddp_backend={BACKEND} shards a model's `decoder.layers`; {type(model).__name__} "
+                             f"has none")
+        mesh = DeviceMesh.from_group(group, device.type)
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+                  else MixedPrecisionPolicy())
+        # fully_shard moves what it shards to the mesh's device, block by block: the whole model is never on one
+        # GPU; on the meta device it stays there, and to_empty allocates this rank's shards only
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=device)
+            model.reset_parameters()
+            logger.info(f"{BACKEND}: model built on the meta device; each rank allocated and drew its own shards")
+        log_shares(model, group)
     return ShardedModel(model)
 
 
@@ -110,16 +135,66 @@ class ShardedModel(nn.Module):
         return get_model_state_dict(self.module, options=FULL)
 
     def load_state_dict(self, state_dict, strict: bool = True, model_cfg=None, args=None):
-        """Every rank holds the full state (fairseq broadcasts it from rank 0) and keeps its own shards."""
+        """Every rank holds the full state (mapped from the checkpoint file, see `_mapped_checkpoint_loads`) and
+        keeps its own shards: each is copied into its parameter as soon as it is read, and the pages of a mapped
+        file it came from are dropped at once, so a rank's memory never holds more than its shards and one
+        tensor's pages of the file."""
         self.module.upgrade_state_dict(state_dict)  # the model's checks (vocabulary, shapes) on the full tensors
         own = self.module.state_dict()
-        shards = {k: _shard_like(v, own[k]) if isinstance(own.get(k), DTensor) else v for k, v in state_dict.items()}
+        shards = {}
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                if isinstance(own.get(key), DTensor) and own[key].shape == value.shape:
+                    own[key].copy_(_shard_like(value, own[key]))
+                    _drop_mapped_pages(value)
+                    value = own[key]
+                shards[key] = value
+        # the model's own loading (LoRA rules, strictness) then sees shards already in place
         return self.module.load_state_dict(shards, strict=strict, model_cfg=model_cfg, args=args)
 
 
 def _shard_like(full: torch.Tensor, like: DTensor) -> DTensor:
-    """This rank's shard of `full`, laid out as `like` (no communication: every rank has `full`)."""
+    """This rank's shard of `full`, laid out as `like` (no communication: every rank has `full`). FSDP2 shards
+    dim 0 as torch.chunk does: the shard is then a view of `full`, converted only where the dtype or device
+    differs, so a mapped checkpoint is read only where this rank's rows lie."""
+    (placement,) = like.placements
+    local_shape = like.to_local().shape
+    if isinstance(placement, Shard):
+        rank, chunks = like.device_mesh.get_local_rank(), full.chunk(like.device_mesh.size(), placement.dim)
+        local = chunks[rank] if rank < len(chunks) else full.narrow(placement.dim, 0, 0)
+        if local.shape == local_shape:
+            return DTensor.from_local(local.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                      shape=full.shape, stride=full.stride())
     return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+_MADV_DONTNEED = 4
+
+
+def _drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """Unmap the pages of a read-only file mapping that hold `tensor` (Linux madvise(MADV_DONTNEED)); they are read
+    again from the file if touched. Anything not in such a mapping (memory of its own) is left alone."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    if not _in_private_file_mapping(start, end):
+        return
+    page = mmap.PAGESIZE
+    low, high = -(-start // page) * page, end // page * page  # the pages wholly inside the tensor
+    if high > low:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), _MADV_DONTNEED)
+
+
+def _in_private_file_mapping(start: int, end: int) -> bool:
+    """Whether [start, end) lies in one private mapping of a file, as torch.load(mmap=True) maps a checkpoint (its
+    tensors are only read while loading, so their pages are the file's)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            bounds, perms, _, _, inode, *path = line.split()
+            low, high = (int(x, 16) for x in bounds.split("-"))
+            if low <= start < high:
+                return end <= high and perms[3] == "p" and inode != "0" and bool(path) and path[0].startswith("/")
+    return False
 
 
 def checkpoint_full_optimizer_state(optimizer, model: ShardedModel) -> None:
@@ -153,13 +228,14 @@ def _add_backend_choice() -> None:
 
 def _patch_trainer() -> None:
     from fairseq import optim
+    from fairseq.distributed import utils as distributed_utils
     from fairseq.optim import lr_scheduler
     from fairseq.trainer import Trainer
 
     if getattr(Trainer, "fsdp2", False):
         return
-    init, model, build_optimizer, clip_grad_norm = (Trainer.__init__, Trainer.model, Trainer._build_optimizer,
-                                                    Trainer.clip_grad_norm)
+    init, model, build_optimizer, clip_grad_norm, load_checkpoint = (
+        Trainer.__init__, Trainer.model, Trainer._build_optimizer, Trainer.clip_grad_norm, Trainer.load_checkpoint)
     always_call_state_dict = Trainer.always_call_state_dict_during_save_checkpoint
 
     def __init__(self, cfg, task, model, criterion, quantizer=None):
@@ -171,6 +247,9 @@ def _patch_trainer() -> None:
         if cfg.common.fp16 or cfg.common.memory_efficient_fp16 or cfg.common.memory_efficient_bf16:
             raise FSDP2Error(f"ddp_backend={BACKEND} computes in bf16 with common.bf16=true; fp16 and the "
                              f"memory_efficient_* options are not supported")
+        if any(p.is_meta for p in model.parameters()):  # a sharded start: fairseq's trainer cannot move it
+            device = torch.device("cuda" if torch.cuda.is_available() and not cfg.common.cpu else "cpu")
+            model = shard(model, distributed_utils.get_data_parallel_group(), device, bf16=cfg.common.bf16).module
         with _bf16_hidden_from_fairseq(cfg):  # fairseq would cast the model to bf16; FSDP2 casts per block
             init(self, cfg, task, model, criterion, quantizer)
 
@@ -198,6 +277,13 @@ def _patch_trainer() -> None:
         norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
+    def _load_checkpoint(self, filename, *args, **kwargs):
+        if not uses_fsdp2(self.cfg):
+            return load_checkpoint(self, filename, *args, **kwargs)
+        # every rank maps the file and copies its own shards out of it: no rank reads or receives the whole state
+        with _mapped_checkpoint_loads(self.cfg):
+            return load_checkpoint(self, filename, *args, **kwargs)
+
     def _always_call_state_dict(self) -> bool:
         # gathering the full state is collective: the ranks that do not write must take part
         return uses_fsdp2(self.cfg) or always_call_state_dict.fget(self)
@@ -206,8 +292,59 @@ def _patch_trainer() -> None:
     Trainer.model = property(sharded_model)
     Trainer._build_optimizer = _build_optimizer
     Trainer.clip_grad_norm = _clip_grad_norm
+    Trainer.load_checkpoint = _load_checkpoint
     Trainer.always_call_state_dict_during_save_checkpoint = property(_always_call_state_dict)
     Trainer.fsdp2 = True
+
+
+class _MappingTorch:
+    """`torch` as fairseq's checkpoint_utils sees it during a sharded load: `torch.load` of the open checkpoint
+    maps the file (mmap) instead of reading it, so a rank's memory holds only the pages its shards come from."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, *args, **kwargs):
+        return torch.load(getattr(f, "name", f), *args, mmap=True, **kwargs)
+
+
+@contextlib.contextmanager
+def _mapped_checkpoint_loads(cfg):
+    """fairseq loads a checkpoint on rank 0 and broadcasts it whole; here every rank loads it, mapped."""
+    from fairseq import checkpoint_utils
+
+    on_all_ranks, checkpoint_utils.torch = cfg.checkpoint.load_checkpoint_on_all_dp_ranks, _MappingTorch()
+    cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
+    try:
+        yield
+    finally:
+        cfg.checkpoint.load_checkpoint_on_all_dp_ranks, checkpoint_utils.torch = on_all_ranks, torch
+
+
+def _build_on_meta_under_fsdp2() -> None:
+    """fairseq's launch (`call_main`) runs `main` in this process or in processes it spawns; under fsdp2, main
+    now runs with `sharded_start()` true, so that our models are built on the meta device."""
+    from fairseq.distributed import utils as distributed_utils
+
+    call_main = distributed_utils.call_main
+    if getattr(call_main, "fsdp2", False):
+        return
+
+    def call_main_sharded(cfg, main, **kwargs):
+        return call_main(cfg, functools.partial(_run_sharded, main) if uses_fsdp2(cfg) else main, **kwargs)
+
+    call_main_sharded.fsdp2 = True
+    distributed_utils.call_main = call_main_sharded
+
+
+def _run_sharded(main, cfg, **kwargs):
+    global _sharded_start
+    _sharded_start = True
+    try:
+        return main(cfg, **kwargs)
+    finally:
+        _sharded_start = False
 
 
 @contextlib.contextmanager
@@ -224,3 +361,4 @@ def install() -> None:
     """Make `ddp_backend=fsdp2` selectable and runnable in fairseq; `speechgpt_fairseq.register()` calls this."""
     _add_backend_choice()
     _patch_trainer()
+    _build_on_meta_under_fsdp2()

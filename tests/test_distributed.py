@@ -92,6 +92,8 @@ def test_two_data_parallel_processes_equal_one_with_update_freq_2(cli, tmp_path,
 def test_fsdp2_matches_the_unsharded_run_and_holds_half_per_rank(reference, sharded):
     ref_log, ref_dir = reference
     log, cwd = sharded
+    # each rank built the model on the meta device and drew its own shards: the unsharded run's weights
+    assert "fsdp2: model built on the meta device; each rank allocated and drew its own shards" in log
     assert losses(log) == pytest.approx({n: losses(ref_log)[n] for n in (1, 2, 3)}, abs=1.5e-3)
     assert valid_losses(log) == pytest.approx({3: valid_losses(ref_log)[3]}, abs=1.5e-3)
     shares = re.search(r"fsdp2: parameters held per rank: ([\d,]+), ([\d,]+) of ([\d,]+)", log)
@@ -155,14 +157,66 @@ def one_process_group():
     dist.destroy_process_group()
 
 
-def tiny_model():
+def tiny_model(on_meta: bool = False):
     from speechgpt_fairseq.data.vocabulary import Vocabulary
     from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 
     torch.manual_seed(0)
     cfg = SpeechGPTLlamaConfig(decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
                                decoder_attention_heads=4, decoder_kv_heads=2, init_std=0.3)
-    return SpeechGPTLlamaModel.from_config(cfg, Vocabulary.units_only(40).to_dictionary())
+    return SpeechGPTLlamaModel.from_config(cfg, Vocabulary.units_only(40).to_dictionary(), on_meta=on_meta)
+
+
+def test_a_model_built_on_the_meta_device_is_sharded_with_the_weights_it_would_have_whole(one_process_group):
+    whole = tiny_model()
+    meta = tiny_model(on_meta=True)
+    assert all(p.is_meta for p in meta.parameters())
+    sharded = fsdp.shard(meta, one_process_group, torch.device("cpu"), bf16=False)
+    state = sharded.state_dict()
+    assert state.keys() == whole.state_dict().keys()
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(state[name], tensor), name  # the vocabulary digest included
+
+
+def test_fsdp2_maps_the_checkpoint_it_loads(tmp_path):
+    """Under fsdp2 every rank loads a checkpoint itself (no broadcast of the whole state), mapped: its tensors are
+    views of the file, read only where a rank copies its shards from."""
+    from fairseq import checkpoint_utils
+    from fairseq.dataclass.configs import FairseqConfig
+
+    from speechgpt_fairseq.data.vocabulary import Vocabulary
+    from speechgpt_fairseq.models.hf import fairseq_checkpoint
+
+    model = tiny_model()
+    weights = {**model.state_dict(), "big": torch.randn(512, 512)}  # pages wholly inside a tensor are dropped
+    path = tmp_path / "checkpoint.pt"
+    torch.save(fairseq_checkpoint(weights, model.decoder.cfg, Vocabulary.units_only(40), "data"), path)
+    weight = "big"
+    cfg = OmegaConf.structured(FairseqConfig())
+    with fsdp._mapped_checkpoint_loads(cfg):
+        assert cfg.checkpoint.load_checkpoint_on_all_dp_ranks
+        state = checkpoint_utils.load_checkpoint_to_cpu(str(path), load_on_all_ranks=True)
+    assert mapped_file(state["model"][weight]) == str(path)
+    assert torch.equal(state["model"][weight], weights[weight])
+    assert not cfg.checkpoint.load_checkpoint_on_all_dp_ranks  # restored, and torch.load reads files again
+    read = checkpoint_utils.load_checkpoint_to_cpu(str(path))["model"][weight]
+    assert mapped_file(read) is None
+    # once a rank has its shards, the file's pages are dropped; memory of its own never is (it would read zeros)
+    for tensor in (state["model"][weight], read):
+        fsdp._drop_mapped_pages(tensor)
+        assert torch.equal(tensor, weights[weight])
+
+
+def mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose mapping holds `tensor`'s data (Linux /proc/self/maps), or None."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            bounds, _, _, _, _, *path = line.split()
+            low, high = (int(x, 16) for x in bounds.split("-"))
+            if low <= address < high:
+                return path[0] if path and path[0].startswith("/") else None
+    return None
 
 
 def test_fsdp2_accumulates_gradients_over_micro_batches(one_process_group):

@@ -17,8 +17,10 @@ from fairseq.data import Dictionary
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, register_model
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+from speechgpt_fairseq import fsdp
 from speechgpt_fairseq.data.vocabulary import dictionary_digest
 from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.models import kernels
@@ -124,7 +126,8 @@ ROPE_SCALINGS = ("none", "linear", "llama3")
 
 def rotary_frequencies(head_dim: int, cfg) -> Tensor:
     """Inverse frequencies (head_dim / 2,) of the rotary embedding, scaled as `cfg.rope_scaling` says."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # on the CPU whatever device a model is built on (the meta device included): the tables are derived, not loaded
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     factor = cfg.rope_scaling_factor
     if cfg.rope_scaling == "linear":  # position p is rotated as p / factor
         return inv_freq / factor
@@ -255,11 +258,28 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
         self.rotary = Rotary(rotary_frequencies(self.head_dim, cfg), cfg.max_target_positions)
         # the vocabulary the embedding rows belong to, checked when a checkpoint is loaded; zeros: not known
         self.register_buffer("vocab_digest", torch.zeros(VOCAB_DIGEST_BYTES, dtype=torch.uint8))
-        self.apply(self._init_weights)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw the weights of a new model and set the vocabulary digest. Each parameter is drawn whole on the CPU
+        from the global RNG, one at a time in module order (linear and embedding weights normal(0, init_std),
+        norm weights ones); a sharded (DTensor) parameter keeps its shard of that draw. A model built on the meta
+        device and sharded over any number of processes thus starts from the weights it would have built whole,
+        and no process ever holds more than one full parameter."""
+        for module in self.modules():
+            for name, param in module.named_parameters(recurse=False):
+                full = torch.empty(param.shape, dtype=param.dtype, device="cpu")
+                if isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight":
+                    full.normal_(mean=0.0, std=self.cfg.init_std)
+                elif name == "weight" and full.dim() == 1:  # RMSNorm (ours or apex's)
+                    full.fill_(1.0)
+                else:
+                    raise TypeError(f"no initial value for {type(module).__name__}.{name}")
+                if isinstance(param, DTensor):
+                    full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                param.copy_(full)
+        digest = dictionary_digest(self.dictionary) if self.dictionary is not None else None
+        self.vocab_digest.copy_(torch.tensor(list(bytes.fromhex(digest))) if digest else torch.zeros_like(self.vocab_digest))
 
     # ---- whole sequences (training, scoring) -------------------------------------------------
     def extract_features(self, tokens: Tensor, example_ids: Tensor | None = None, **unused) -> Tensor:
@@ -467,17 +487,29 @@ class SpeechGPTLlamaModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, cfg, task):
-        return cls.from_config(cfg, task.target_dictionary)
+        # under ddp_backend=fsdp2 each rank allocates only its shards (fsdp.py); LoRA models are built whole
+        on_meta = fsdp.sharded_start() and not (cfg.lora_rank or cfg.lora_base)
+        return cls.from_config(cfg, task.target_dictionary, on_meta=on_meta)
+
+    def reset_parameters(self) -> None:
+        self.decoder.reset_parameters()
 
     @classmethod
-    def from_config(cls, cfg: SpeechGPTLlamaConfig, vocab: int | Dictionary) -> "SpeechGPTLlamaModel":
+    def from_config(cls, cfg: SpeechGPTLlamaConfig, vocab: int | Dictionary, on_meta: bool = False
+                    ) -> "SpeechGPTLlamaModel":
         """The model `cfg` describes over a vocabulary: its size, or a fairseq Dictionary, whose digest the model's
-        checkpoints then carry (and loading checks)."""
+        checkpoints then carry (and loading checks). `on_meta`: left on the meta device, for a sharded start
+        (fsdp.py shards it, then `reset_parameters` draws each rank's shards); not with LoRA."""
+        if on_meta and (cfg.lora_rank or cfg.lora_base):
+            raise ModelConfigError("a model with LoRA adapters is built whole, not on the meta device")
         validate_config(cfg)
         dictionary = None if isinstance(vocab, int) else vocab
-        decoder = SpeechGPTLlamaDecoder(cfg, vocab if dictionary is None else len(dictionary), dictionary)
-        if dictionary is not None:
-            decoder.vocab_digest.copy_(torch.tensor(list(bytes.fromhex(dictionary_digest(dictionary)))))
+        with torch.device("meta"):  # no memory, no draws: the weights are drawn once, by reset_parameters
+            decoder = SpeechGPTLlamaDecoder(cfg, vocab if dictionary is None else len(dictionary), dictionary)
+        if on_meta:
+            return cls(decoder)
+        decoder.to_empty(device="cpu")
+        decoder.reset_parameters()
         if cfg.lora_base:
             base = load_base_weights(cfg.lora_base)
             try:

@@ -81,6 +81,8 @@ def test_nbest_and_scores_do_not_depend_on_the_batch(model, name):
             with torch.no_grad():
                 lprobs = model(torch.tensor([prompt + h.tokens]))[0][0].log_softmax(-1)
             expected = lprobs[len(prompt) - 1:-1].gather(1, torch.tensor(h.tokens).unsqueeze(1)).squeeze(1)
+            if len(h.tokens) == LIMIT - (len(prompt) - 1) + 1:  # stopped by its limit: the </s> after it is added
+                expected[-1] = 0.0
             torch.testing.assert_close(h.positional_scores, expected, atol=1e-5, rtol=0)
             assert abs(h.score - float(expected.sum()) / len(h.tokens)) < 1e-5
     if name != "greedy":
@@ -176,12 +178,18 @@ def test_fairseq_generator_keeps_fairseq_limits_and_refuses_what_it_does_not_do(
         FairseqGenerator(model, DICT, GenerationConfig(temperature=0.5))
 
 
-@pytest.mark.parametrize("first_limit", [6, 10])  # this model's first answer: cut at 6 tokens, ends by itself at 7
-def test_a_conversation_holds_its_turns_in_one_cache(model, first_limit):
+@pytest.mark.parametrize("cut", [True, False])  # the first answer cut by its limit, or ended by the model
+def test_a_conversation_holds_its_turns_in_one_cache(model, cut):
     """Turn 2 is read after turn 1 and its answer (only its own tokens computed) and answered as a prompt of the
     whole conversation would be."""
+    # the first turn: a prompt this model answers with a few tokens and </s>
+    lengths = [len(Conversation(model.decoder, Endings.of(DICT)).reply(p, max_new_tokens=LIMIT).tokens) - 1
+               for p in PROMPTS]
+    natural, start = max((n, p) for n, p in zip(lengths, PROMPTS) if n < LIMIT - len(p))
+    assert natural >= 2
+    first_limit = natural - 1 if cut else natural + 3
     conversation = Conversation(model.decoder, Endings.of(DICT))
-    first = conversation.reply(PROMPTS[0], max_new_tokens=first_limit)
+    first = conversation.reply(start, max_new_tokens=first_limit)
     cache = conversation.cache
     reads = []
     hook = model.decoder.embed_tokens.register_forward_hook(lambda m, i, o: reads.append(o.shape[1]))
@@ -191,10 +199,10 @@ def test_a_conversation_holds_its_turns_in_one_cache(model, first_limit):
         hook.remove()
     assert conversation.cache is cache
     answer = first.tokens[:-1]  # without the closing </s>
-    cut = len(answer) == first_limit  # ended at the limit: its last token was never read; else the model chose </s>
-    assert cut == (first_limit == 6)
+    # ended at the limit: its last token was never read; else the model chose </s>
+    assert (len(answer) == first_limit) == cut
     assert reads[0] == cut + len(PROMPTS[2]) - 1
-    whole = PROMPTS[0] + answer + PROMPTS[2][1:]
+    whole = start + answer + PROMPTS[2][1:]
     (expected,), = generate(model.decoder, [torch.tensor(whole)], Endings.of(DICT), max_new_tokens=6)
     assert second.tokens == expected.tokens
     torch.testing.assert_close(second.positional_scores, expected.positional_scores, atol=1e-5, rtol=0)
