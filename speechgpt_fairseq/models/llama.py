@@ -508,8 +508,10 @@ class SpeechGPTLlamaModel(FairseqLanguageModel):
             decoder = SpeechGPTLlamaDecoder(cfg, vocab if dictionary is None else len(dictionary), dictionary)
         if on_meta:
             return cls(decoder)
-        decoder.to_empty(device="cpu")
-        decoder.reset_parameters()
+        device = torch.get_default_device()  # a caller's `with torch.device("meta")` keeps the model unallocated
+        if device.type != "meta":
+            decoder.to_empty(device=device)
+            decoder.reset_parameters()
         if cfg.lora_base:
             base = load_base_weights(cfg.lora_base)
             try:
