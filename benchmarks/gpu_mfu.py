@@ -1,10 +1,17 @@
-"""Model FLOPs utilization (MFU) of a LLaMA-7B-shaped stack in bf16: our decoder against HF `LlamaForCausalLM`.
+"""Model FLOPs utilization (MFU) of a LLaMA-7B-shaped stack computing in bf16: our decoder against HF
+`LlamaForCausalLM`.
 
 One training step is forward, next-token cross-entropy (fp32 upcast of the logits, as in train_step.py),
-backward and AdamW (`models/kernels.py`'s choice: apex FusedAdam, else torch fused) with the weights, gradients
-and optimizer state in bf16: 8 bytes per parameter, so the whole 7B (54 GB plus activations) fits one 80 GB GPU
-without sharding; `--layers` keeps fewer blocks for smaller GPUs. The shape is the `llama_7b` preset (32 blocks,
-width 4096, SwiGLU 11008, 32 heads) with SpeechGPT's 33006-token vocabulary, sequences of 2048 tokens.
+backward and AdamW (`models/kernels.py`'s choice: apex FusedAdam, else torch fused). `--precision` picks how:
+- `mixed` (the default): what the paper configs train with (`ddp_backend=fsdp2`, `common.bf16=true`): fp32
+  weights, gradients and AdamW state, every block computing in bf16 under FSDP2's mixed-precision policy
+  (fsdp.precision_policy), applied the same way to both models. It runs in one process (a process group of one:
+  nothing is sharded, the per-block casts are those of a sharded run). 16 bytes per parameter: 7B (108 GB) needs
+  a 141 GB H200; on an 80 GB GPU use `--layers 16` (MFU per block is what is compared).
+- `bf16`: weights, gradients and optimizer state in bf16, 8 bytes per parameter (the whole 7B fits 80 GB); a
+  ceiling, not a configuration anyone should train with (bf16 AdamW updates lose small steps).
+The shape is the `llama_7b` preset (32 blocks, width 4096, SwiGLU 11008, 32 heads) with SpeechGPT's 33006-token
+vocabulary, sequences of 2048 tokens.
 
     FLOPs per token = 6 N + 12 L d T
 
@@ -18,7 +25,8 @@ models hold the same weights and see the same batch, so their first-step losses 
 Without a CUDA GPU the script says so and exits 0; `--cpu-smoke` runs a two-block toy shape on the CPU to check
 the code path (no MFU there: no peak to divide by).
 
-    python benchmarks/gpu_mfu.py [--layers 32] [--batch 1] [--seq 2048] [--steps 5] [--checkpoint-activations]
+    python benchmarks/gpu_mfu.py [--precision mixed|bf16] [--layers 32] [--batch 1] [--seq 2048] [--steps 5]
+                                 [--checkpoint-activations]
 """
 from __future__ import annotations
 
@@ -34,9 +42,11 @@ import speechgpt_fairseq
 
 speechgpt_fairseq.register()
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 import yaml
+from speechgpt_fairseq import fsdp
 from speechgpt_fairseq.data.vocabulary import Vocabulary
 from speechgpt_fairseq.models import kernels
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
@@ -127,6 +137,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
     p.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward, both models")
+    p.add_argument("--precision", choices=("mixed", "bf16"), default="mixed",
+                   help="mixed: fp32 weights and AdamW, bf16 compute per block (fsdp2's policy); bf16: all in bf16")
     p.add_argument("--peak-tflops", type=float, help="the GPU's peak dense bf16 TFLOPs, where not in the table")
     p.add_argument("--device", default="cuda", help="cuda, cuda:1, ...")
     p.add_argument("--cpu-smoke", action="store_true", help="no GPU: a two-block toy shape on the CPU (no MFU)")
@@ -148,7 +160,11 @@ def main() -> None:
     batch = torch.randint(vocab.nspecial, VOCAB, (args.batch, args.seq + 1), device=device)
 
     results, saved = [], None
-    with torch.device(device), _default_dtype(torch.bfloat16):
+    weights = torch.float32 if args.precision == "mixed" else torch.bfloat16
+    if args.precision == "mixed":  # FSDP2 over a group of one process: its per-block bf16 casts, nothing sharded
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, device_id=device if device.type == "cuda" else None)
+    with torch.device(device), _default_dtype(weights):
         ours = SpeechGPTLlamaModel.from_config(cfg, vocab).train()
     flops = flops_per_token(ours, ours.decoder.embed_tokens, cfg, args.seq)
     print(f"machine: {name} ({args.device}), peak bf16 {peak or 'unknown'} TFLOPs, torch {torch.__version__}, "
@@ -156,18 +172,23 @@ def main() -> None:
     print(f"shape: {cfg.decoder_layers} layers, width {cfg.decoder_embed_dim}, ffn {cfg.decoder_ffn_embed_dim}, "
           f"{cfg.decoder_attention_heads} heads, vocab {VOCAB}, batch {args.batch} x seq {args.seq}; "
           f"{sum(p.numel() for p in ours.parameters()):,} parameters; {flops / 1e9:.2f} GFLOPs/token; "
-          f"activation checkpointing {'on' if args.checkpoint_activations else 'off'}; "
+          f"activation checkpointing {'on' if args.checkpoint_activations else 'off'}; precision {args.precision} "
+          f"({'fp32 weights and AdamW, bf16 compute per block' if args.precision == 'mixed' else 'all bf16'}); "
           f"warmup {args.warmup}, steps {args.steps}")
     try:
         # the weights go to the CPU between the two models: one 7B model with its state at a time on the GPU
         saved = {k: v.to("cpu", copy=True) for k, v in ours.decoder.state_dict().items() if k != "vocab_digest"}
+        if args.precision == "mixed":
+            ours = fsdp.shard(ours, dist.group.WORLD, device, bf16=True)
         results.append(measure("ours", ours, lambda m, x: m(x)[0], batch, vocab.pad(), args, device, sync))
         del ours
         _free(device)
-        with torch.device(device), _default_dtype(torch.bfloat16):
+        with torch.device(device), _default_dtype(weights):
             hf = build_hf(cfg).train()
         hf.load_state_dict({(k if k.startswith("lm_head") else "model." + k): v for k, v in saved.items()})
         del saved
+        if args.precision == "mixed":
+            mixed_precision(hf, hf.model.layers, device)
         results.append(measure("HF", hf, lambda m, x: m(input_ids=x, use_cache=False).logits, batch, vocab.pad(),
                                args, device, sync))
     except torch.OutOfMemoryError:
@@ -177,6 +198,17 @@ def main() -> None:
     for m in results:
         report(m, flops, peak)
     print(f"ratio ours/HF: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.3f}")
+
+
+def mixed_precision(model: torch.nn.Module, blocks, device: torch.device) -> None:
+    """FSDP2's bf16 policy on each block and the root, as fsdp.shard applies it to ours."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh, policy = DeviceMesh.from_group(dist.group.WORLD, device.type), fsdp.precision_policy(bf16=True)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 @contextlib.contextmanager

@@ -9,10 +9,12 @@ in bf16 (`MixedPrecisionPolicy`), gradients reduced in fp32; fairseq's own bf16 
 optimizer are not used. A run launched with this backend builds our models on the meta device: each rank
 allocates and draws only its own shards (the weights equal those of the model built whole), and loads a checkpoint
 (resume or `finetune_from_model`) by mapping the file and copying out its own shards; no rank ever holds the whole
-model. Checkpoints hold the full state, gathered on rank 0 (not one file per shard): the
-model is stored as in any fairseq checkpoint (generation, export-hf and fine-tuning read it under any backend),
-the optimizer state keyed by parameter name, so a run resumes with its optimizer under this backend, at any
-number of processes.
+model. Checkpoints hold the full state, gathered on rank 0: the model is stored as in any fairseq checkpoint
+(generation, export-hf and fine-tuning read it under any backend), the optimizer state keyed by parameter name, so
+a run resumes with its optimizer under this backend, at any number of processes. With
+`distributed_training.use_sharded_state=true` (the paper configs) nothing is gathered: each rank writes its own
+shards of both (sharded_checkpoints.py) and loads its own shards on resume; readers outside training assemble the
+model from the shards.
 
 Importing the package calls `install()`, which adds the choice to fairseq's config and patches the few
 Trainer methods that must differ; every other backend runs through fairseq unchanged.
@@ -24,6 +26,7 @@ import ctypes
 import functools
 import logging
 import mmap
+import os
 import sys
 
 import torch
@@ -35,12 +38,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from speechgpt_fairseq import sharded_checkpoints
 from speechgpt_fairseq.errors import InputError
+from speechgpt_fairseq.sharded_checkpoints import ShardedState
 
 logger = logging.getLogger(__name__)
 
 BACKEND = "fsdp2"
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, in CPU memory, on rank 0 only
+SHARDS = StateDictOptions()  # each rank's own shards (DTensors), for sharded checkpoints
 
 
 class FSDP2Error(InputError):
@@ -69,9 +75,7 @@ def shard(model: nn.Module, group, device: torch.device, bf16: bool) -> "Sharded
         if blocks is None:
             raise FSDP2Error(f"ddp_backend={BACKEND} shards a model's `decoder.layers`; {type(model).__name__} "
                              f"has none")
-        mesh = DeviceMesh.from_group(group, device.type)
-        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
-                  else MixedPrecisionPolicy())
+        mesh, policy = DeviceMesh.from_group(group, device.type), precision_policy(bf16)
         # fully_shard moves what it shards to the mesh's device, block by block: the whole model is never on one
         # GPU; on the meta device it stays there, and to_empty allocates this rank's shards only
         for block in blocks:
@@ -83,6 +87,13 @@ def shard(model: nn.Module, group, device: torch.device, bf16: bool) -> "Sharded
             logger.info(f"{BACKEND}: model built on the meta device; each rank allocated and drew its own shards")
         log_shares(model, group)
     return ShardedModel(model)
+
+
+def precision_policy(bf16: bool) -> MixedPrecisionPolicy:
+    """With `common.bf16=true`: fp32 shards, each block computing in bf16, gradients reduced in fp32."""
+    if not bf16:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def local_parameters(model: nn.Module) -> int:
@@ -108,6 +119,7 @@ class ShardedModel(nn.Module):
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
+        self.gather_state = True  # False while a sharded checkpoint is saved: state dicts of this rank's shards
 
     def __getattr__(self, name: str):
         try:
@@ -132,19 +144,25 @@ class ShardedModel(nn.Module):
             self.module.set_requires_gradient_sync(True)
 
     def state_dict(self, *args, **kwargs) -> dict:
-        return get_model_state_dict(self.module, options=FULL)
+        return get_model_state_dict(self.module, options=FULL if self.gather_state else SHARDS)
 
     def load_state_dict(self, state_dict, strict: bool = True, model_cfg=None, args=None):
         """Every rank holds the full state (mapped from the checkpoint file, see `_mapped_checkpoint_loads`) and
         keeps its own shards: each is copied into its parameter as soon as it is read, and the pages of a mapped
         file it came from are dropped at once, so a rank's memory never holds more than its shards and one
-        tensor's pages of the file."""
+        tensor's pages of the file. A sharded checkpoint's model (`ShardedState`) is read shard by shard: each
+        rank reads only its own rows, straight into its parameters."""
+        if isinstance(state_dict, ShardedState):
+            own = self.module.state_dict()
+            # parameters are loaded in place; the rest (the vocabulary digest) is checked by the model's loading
+            state_dict = state_dict.load_into({k: v if isinstance(v, DTensor) else v.clone() for k, v in own.items()})
         self.module.upgrade_state_dict(state_dict)  # the model's checks (vocabulary, shapes) on the full tensors
         own = self.module.state_dict()
         shards = {}
         with torch.no_grad():
             for key, value in state_dict.items():
-                if isinstance(own.get(key), DTensor) and own[key].shape == value.shape:
+                full = not isinstance(value, DTensor)  # a sharded checkpoint's shards are in place already
+                if full and isinstance(own.get(key), DTensor) and own[key].shape == value.shape:
                     own[key].copy_(_shard_like(value, own[key]))
                     _drop_mapped_pages(value)
                     value = own[key]
@@ -197,15 +215,21 @@ def _in_private_file_mapping(start: int, end: int) -> bool:
     return False
 
 
-def checkpoint_full_optimizer_state(optimizer, model: ShardedModel) -> None:
-    """Make a fairseq optimizer save its full state (gathered on rank 0) and load a full state into its shards."""
+def checkpoint_optimizer_state(optimizer, model: ShardedModel) -> None:
+    """Make a fairseq optimizer save its full state (gathered on rank 0), or this rank's shards of it while the
+    model's `gather_state` is off, and load a full state or a sharded checkpoint's (`ShardedState`) into its
+    shards."""
     inner = optimizer.optimizer
 
     def state_dict() -> dict:
-        return get_optimizer_state_dict(model.module, inner, options=FULL)
+        return get_optimizer_state_dict(model.module, inner, options=FULL if model.gather_state else SHARDS)
 
-    def load_state_dict(state_dict: dict, optimizer_overrides: dict | None = None) -> None:
-        set_optimizer_state_dict(model.module, inner, state_dict, options=StateDictOptions(full_state_dict=True))
+    def load_state_dict(state_dict, optimizer_overrides: dict | None = None) -> None:
+        if isinstance(state_dict, ShardedState):
+            shards = state_dict.load_into(get_optimizer_state_dict(model.module, inner, options=SHARDS))
+            set_optimizer_state_dict(model.module, inner, shards, options=SHARDS)
+        else:
+            set_optimizer_state_dict(model.module, inner, state_dict, options=StateDictOptions(full_state_dict=True))
         for group in optimizer.param_groups:
             group.update(optimizer_overrides or {})
 
@@ -234,8 +258,9 @@ def _patch_trainer() -> None:
 
     if getattr(Trainer, "fsdp2", False):
         return
-    init, model, build_optimizer, clip_grad_norm, load_checkpoint = (
-        Trainer.__init__, Trainer.model, Trainer._build_optimizer, Trainer.clip_grad_norm, Trainer.load_checkpoint)
+    init, model, build_optimizer, clip_grad_norm, load_checkpoint, state_dict = (
+        Trainer.__init__, Trainer.model, Trainer._build_optimizer, Trainer.clip_grad_norm, Trainer.load_checkpoint,
+        Trainer.state_dict)
     always_call_state_dict = Trainer.always_call_state_dict_during_save_checkpoint
 
     def __init__(self, cfg, task, model, criterion, quantizer=None):
@@ -265,7 +290,7 @@ def _patch_trainer() -> None:
         # the optimizer updates the fp32 shards directly: no fairseq fp16/bf16 optimizer wrapper around it
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._optimizer = optim.build_optimizer(self.cfg.optimizer, params)
-        checkpoint_full_optimizer_state(self._optimizer, self.model)
+        checkpoint_optimizer_state(self._optimizer, self.model)
         self._lr_scheduler = lr_scheduler.build_lr_scheduler(self.cfg.lr_scheduler, self._optimizer)
         self._lr_scheduler.step_update(0)
 
@@ -277,12 +302,30 @@ def _patch_trainer() -> None:
         norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
-    def _load_checkpoint(self, filename, *args, **kwargs):
+    def _load_checkpoint(self, filename, reset_optimizer=False, *args, **kwargs):
         if not uses_fsdp2(self.cfg):
-            return load_checkpoint(self, filename, *args, **kwargs)
+            if not reset_optimizer and sharded_checkpoints.is_index(filename):
+                raise FSDP2Error(f"{filename}: a sharded checkpoint's optimizer state is kept in fsdp2's shards: "
+                                 f"resume it with ddp_backend={BACKEND}, or add checkpoint.reset_optimizer=true")
+            return load_checkpoint(self, filename, reset_optimizer, *args, **kwargs)
         # every rank maps the file and copies its own shards out of it: no rank reads or receives the whole state
         with _mapped_checkpoint_loads(self.cfg):
-            return load_checkpoint(self, filename, *args, **kwargs)
+            return load_checkpoint(self, filename, reset_optimizer, *args, **kwargs)
+
+    def _state_dict(self):
+        if not saves_shards(self.cfg):
+            return state_dict(self)
+        # every rank writes its shards; rank 0's checkpoint file is then the index (fairseq writes it)
+        self.model.gather_state = False
+        try:
+            state = state_dict(self)
+        finally:
+            self.model.gather_state = True
+        save_dir = self.cfg.checkpoint.save_dir
+        name = sharded_checkpoints.new_directory(save_dir, self.get_num_updates())
+        sharded_checkpoints.write(os.path.join(save_dir, name), state["model"], state.pop("last_optimizer_state", None))
+        state["model"], state[sharded_checkpoints.INDEX_KEY] = {}, name
+        return state
 
     def _always_call_state_dict(self) -> bool:
         # gathering the full state is collective: the ranks that do not write must take part
@@ -293,6 +336,7 @@ def _patch_trainer() -> None:
     Trainer._build_optimizer = _build_optimizer
     Trainer.clip_grad_norm = _clip_grad_norm
     Trainer.load_checkpoint = _load_checkpoint
+    Trainer.state_dict = _state_dict
     Trainer.always_call_state_dict_during_save_checkpoint = property(_always_call_state_dict)
     Trainer.fsdp2 = True
 
@@ -311,15 +355,43 @@ class _MappingTorch:
 
 @contextlib.contextmanager
 def _mapped_checkpoint_loads(cfg):
-    """fairseq loads a checkpoint on rank 0 and broadcasts it whole; here every rank loads it, mapped."""
+    """fairseq loads a checkpoint on rank 0 and broadcasts it whole; here every rank loads it, mapped (or, from a
+    sharded checkpoint, its own shards)."""
     from fairseq import checkpoint_utils
 
     on_all_ranks, checkpoint_utils.torch = cfg.checkpoint.load_checkpoint_on_all_dp_ranks, _MappingTorch()
     cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
     try:
-        yield
+        with sharded_checkpoints.loading_shards_per_rank():
+            yield
     finally:
         cfg.checkpoint.load_checkpoint_on_all_dp_ranks, checkpoint_utils.torch = on_all_ranks, torch
+
+
+def saves_shards(cfg) -> bool:
+    """Whether checkpoints are written as each rank's shards (`distributed_training.use_sharded_state=true` under
+    this backend) instead of the full state gathered on rank 0."""
+    return uses_fsdp2(cfg) and bool(cfg.distributed_training.use_sharded_state)
+
+
+def _remove_unreferenced_shards_after_saving() -> None:
+    """After fairseq saved (and removed old checkpoint files under keep_interval_updates and the like), rank 0
+    removes the shards directories no checkpoint file refers to any more."""
+    from fairseq import checkpoint_utils
+
+    save_checkpoint = checkpoint_utils.save_checkpoint
+    if getattr(save_checkpoint, "fsdp2", False):
+        return
+
+    @functools.wraps(save_checkpoint)
+    def save_checkpoint_and_remove_unreferenced_shards(cfg, trainer, *args, **kwargs):
+        saved = save_checkpoint(cfg, trainer, *args, **kwargs)
+        if saves_shards(trainer.cfg) and trainer.is_data_parallel_master and not cfg.no_save:
+            sharded_checkpoints.remove_unreferenced(cfg.save_dir)
+        return saved
+
+    save_checkpoint_and_remove_unreferenced_shards.fsdp2 = True
+    checkpoint_utils.save_checkpoint = save_checkpoint_and_remove_unreferenced_shards
 
 
 def _build_on_meta_under_fsdp2() -> None:
@@ -362,3 +434,5 @@ def install() -> None:
     _add_backend_choice()
     _patch_trainer()
     _build_on_meta_under_fsdp2()
+    _remove_unreferenced_shards_after_saving()
+    sharded_checkpoints.install()

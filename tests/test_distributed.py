@@ -3,6 +3,7 @@ data parallel (fairseq's default pytorch_ddp) equals one process with update_fre
 (speechgpt_fairseq/fsdp.py) equals that unsharded run, holds half of the parameters per rank, and, stopped after
 3 updates and started again, resumes from its checkpoint to the same losses and weights."""
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,12 +27,12 @@ TWO_PROCESSES = ["distributed_training.distributed_world_size=2", "distributed_t
                  "dataset.max_valid_steps=1"]
 
 
-def train(cli, cwd: Path, *overrides: str, processes: int = 1, trainer: Path | None = None) -> str:
+def train(cli, cwd: Path, *overrides: str, processes: int = 1, trainer: Path | None = None, check=True) -> str:
     """fairseq-hydra-train (or a script that runs it), as one process or under torchrun; the log."""
     trainer = str(trainer or Path(sys.executable).parent / "fairseq-hydra-train")
     launch = [] if processes == 1 else ["torchrun", "--standalone", f"--nproc_per_node={processes}"]
     cmd = [*launch, trainer, "--config-dir", STAGE1, "--config-name", "tiny", *RUN, *overrides]
-    run = cli(*cmd, cwd=cwd)
+    run = cli(*cmd, cwd=cwd, check=check)
     return run.stdout + run.stderr
 
 
@@ -113,6 +114,48 @@ def test_fsdp2_resumes_under_sharding(cli, reference, sharded):
     assert losses(resumed) == pytest.approx({n: losses(ref_log)[n] for n in (4, 5, 6)}, abs=1.5e-3)
     assert valid_losses(resumed) == pytest.approx({6: valid_losses(ref_log)[6]}, abs=1.5e-3)
     assert_same_weights(cwd / "checkpoints" / "stage1-tiny" / "checkpoint_last.pt", ref_dir / "checkpoint_last.pt")
+
+
+def test_fsdp2_sharded_checkpoints_resume_bit_identically_and_read_whole(cli, tmp_path, sharded):
+    """use_sharded_state=true: each rank writes its shards, the checkpoint file is an index; a run resumed from the
+    update-3 checkpoint ends with the weights of the run that was never stopped, bit for bit; readers outside
+    training get the model whole; shards no checkpoint refers to any more are removed, nothing else is."""
+    from safetensors.torch import load_file
+
+    from speechgpt_fairseq.models.checkpoints import read_checkpoint
+    from speechgpt_fairseq.models.hf import export_hf
+    from speechgpt_fairseq.models.lora import load_base_weights
+
+    shards = [*SHARDED, "distributed_training.use_sharded_state=true"]
+    whole, resumed = (tmp_path / run / "checkpoints" / "stage1-tiny" for run in ("whole", "resumed"))
+    whole.mkdir(parents=True)
+    log = train(cli, tmp_path / "whole", *shards, processes=2)  # never stopped: saves at updates 3 and 6
+    index = torch.load(whole / "checkpoint_1_3.pt", map_location="cpu", weights_only=True)
+    assert index["model"] == {} and "last_optimizer_state" not in index and index["sharded_state"] == "shards-3"
+    assert sorted(p.name for p in (whole / "shards-3").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # read whole, the sharded checkpoint's model is the one the same run saves gathered (the `sharded` fixture)
+    at_3, gathered = read_checkpoint(whole / "checkpoint_1_3.pt")["model"], weights(sharded[1] / "checkpoints" /
+                                                                                 "stage1-tiny" / "checkpoint_1_3.pt")
+    assert at_3.keys() == gathered.keys() and all(torch.equal(at_3[k], gathered[k]) for k in gathered)
+
+    resumed.mkdir(parents=True)
+    shutil.copy(whole / "checkpoint_1_3.pt", resumed / "checkpoint_last.pt")
+    shutil.copytree(whole / "shards-3", resumed / "shards-3")
+    (resumed / "shards-99").mkdir()
+    (resumed / "shards-99" / "notes.txt").write_text("not shards: kept")
+    again = train(cli, tmp_path / "resumed", *shards, "checkpoint.keep_interval_updates=1", processes=2)
+    assert "(epoch 1 @ 3 updates)" in again and losses(again) == {n: losses(log)[n] for n in (4, 5, 6)}
+    end, expected = (read_checkpoint(d / "checkpoint_last.pt")["model"] for d in (resumed, whole))
+    assert end.keys() == expected.keys() and all(torch.equal(end[k], expected[k]) for k in expected)
+    assert sorted(p.name for p in resumed.glob("shards-*")) == ["shards-6", "shards-99"]  # shards-3: unreferenced
+
+    hf = export_hf(whole / "checkpoint_last.pt", tmp_path / "hf")  # export-hf reads it whole too
+    assert torch.equal(load_file(hf / "model.safetensors")["model.embed_tokens.weight"],
+                       expected["decoder.embed_tokens.weight"])
+    base = load_base_weights(whole / "checkpoint_last.pt")  # and so does a LoRA model's lora_base
+    assert all(torch.equal(base[k], expected[k]) for k in expected)
+    refused = train(cli, tmp_path / "resumed", check=False)  # pytorch_ddp cannot take fsdp2's optimizer shards
+    assert "resume it with ddp_backend=fsdp2, or add checkpoint.reset_optimizer=true" in refused
 
 
 def test_fsdp2_reduces_gradients_once_per_update_whatever_update_freq(cli, tmp_path):

@@ -33,6 +33,7 @@ from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.models.checkpoints import unreadable
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, validate_config
 from speechgpt_fairseq.models.lora import LORA_TARGETS, load_base_weights, merge_lora_state
+from speechgpt_fairseq.sharded_checkpoints import with_whole_model
 
 logger = logging.getLogger(__name__)
 
@@ -310,9 +311,10 @@ def load_fairseq_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise HFCheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise HFCheckpointError(f"{path}: not a loadable fairseq checkpoint ({unreadable(e)})") from None
+    return with_whole_model(path, state)  # a sharded checkpoint's model is assembled from its shards
 
 
 def checkpoint_model_config(state: dict, path: Path) -> SpeechGPTLlamaConfig:

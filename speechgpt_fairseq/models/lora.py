@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.models.checkpoints import unreadable
+from speechgpt_fairseq.sharded_checkpoints import with_whole_model
 
 # the Linear layers of a LLaMA block, by their Hugging Face names
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -122,9 +123,10 @@ def load_base_weights(path: str | Path) -> dict[str, Tensor]:
                         f"'PATH'}}\")")
     try:
         # mmap: a 7B base is read page by page as it is copied into the model, not held twice in memory
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise LoRAError(f"lora_base {path}: not a loadable fairseq checkpoint ({unreadable(e)})") from None
+    state = with_whole_model(path, state)["model"]  # a sharded checkpoint's model is assembled from its shards
     if any(is_lora_key(k) for k in state):
         raise LoRAError(f"lora_base {path}: holds LoRA weights; a base must be a plain checkpoint (merge this one "
                         f"first with speechgpt export-hf and convert-hf, or import-peft --merge)")
