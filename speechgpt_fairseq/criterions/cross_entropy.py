@@ -65,14 +65,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(f, w.t(), out=logits)
             else:
                 logits.copy_(F.linear(f, w))  # the matmul in the autocast dtype, the loss in fp32
-            lse = logits.logsumexp(-1)
-            nll[rows] = lse - logits.gather(1, t[:, None]).squeeze(1)
-            predicted[rows] = logits.argmax(-1)
+            picked, predicted[rows] = logits.gather(1, t[:, None]).squeeze(1), logits.argmax(-1)
+            mean = logits.mean(-1) if smoothing else None
+            # log-sum-exp and softmax in place of the logits (logsumexp would allocate and fault in a new
+            # (chunk, V) tensor): exp(logits - max), summed; lse = max + log(sum); softmax = that / sum
+            top = logits.amax(-1)
+            total = logits.sub_(top[:, None]).exp_().sum(-1)
+            lse = top + total.log()
+            nll[rows] = lse - picked
             # label smoothing: (1 - eps) x nll + eps x the mean over the vocabulary of -log p
             loss += nll[rows].sum() if smoothing == 0 else \
-                ((1 - smoothing) * nll[rows] + smoothing * (lse - logits.mean(-1))).sum()
+                ((1 - smoothing) * nll[rows] + smoothing * (lse - mean)).sum()
             if with_grad:  # d loss / d logits = softmax - the smoothed one-hot target, in place of the logits
-                grad = logits.sub_(lse[:, None]).exp_()
+                grad = logits.div_(total[:, None])
                 grad.scatter_add_(1, t[:, None], grad.new_full((len(t), 1), smoothing - 1))
                 if smoothing:
                     grad.sub_(smoothing / vocab)
