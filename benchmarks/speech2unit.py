@@ -18,13 +18,16 @@ is memory that does not grow with it. Ours holds one window of audio and one bat
 only until its batches are full (`--max-batch-samples`; speech2unit's default is one file per pass on a CPU and
 100 s of audio on a GPU). Timed runs alternate (ours, fairseq, fairseq, ours, ...). `ratio ours/fairseq: Z` is our audio seconds per wall second over fairseq's:
 above 1 ours is faster. On a shared CPU wall times swing with other load; the CPU-seconds ratio (fairseq's over
-ours, again above 1 = ours faster) is the steadier guide there. The script also checks both wrote the same labels.
+ours, again above 1 = ours faster) is the steadier guide there. The script also compares the labels: the lines
+that are identical and the share of labels equal to fairseq's fp32 ones. `--bf16` runs our side with
+`speech2unit --bf16` (HuBERT under bfloat16 autocast): faster where the CPU has bf16 instructions, and then the
+share of equal labels says what that costs (features near a boundary between two clusters change sides).
 
 fairseq's recipe needs npy-append-array (`pip install npy-append-array`); without torchaudio, its audio reader is
 given soundfile's samples (what it returns for 16 kHz mono files); without CUDA, its `.cuda()` calls are no-ops.
 
     python benchmarks/speech2unit.py [--seconds 90] [--layers 12] [--dim 768] [--layer 11] [--repeats 2]
-                                     [--device cpu] [--threads N] [--max-batch-samples N]
+                                     [--device cpu] [--threads N] [--max-batch-samples N] [--bf16]
 """
 from __future__ import annotations
 
@@ -118,7 +121,8 @@ def child(args) -> None:
     if args.child == "ours":
         batching = [] if args.max_batch_samples is None else ["--max-batch-samples", str(args.max_batch_samples)]
         status = main(["speech2unit", str(manifest), "--hubert", args.ckpt, "--layer", str(args.layer), "--kmeans",
-                       args.km, "--out", str(out), "--device", args.device, *batching, "--no-progress"])
+                       args.km, "--out", str(out), "--device", args.device, *batching, "--no-progress",
+                       *(["--bf16"] if args.bf16 else [])])
         assert status == 0
     else:
         dump_hubert.main(str(manifest.parent), manifest.stem, args.ckpt, args.layer, 1, 0, str(out / "feat"),
@@ -136,6 +140,8 @@ def run_side(side: str, manifest: Path, out: Path, args, ckpt: Path, km: Path) -
                "--threads", str(args.threads)]
     if args.max_batch_samples is not None:
         command += ["--max-batch-samples", str(args.max_batch_samples)]
+    if args.bf16:
+        command.append("--bf16")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -157,6 +163,7 @@ def main() -> None:
                    help=f"ours: padded samples per batch (default: speech2unit's, one file per pass on a CPU and "
                         f"{MAX_BATCH_SAMPLES} on a GPU); our peak memory grows with the corpus only until its "
                         f"batches are this full")
+    p.add_argument("--bf16", action="store_true", help="our side under bfloat16 autocast (speech2unit --bf16)")
     p.add_argument("--workdir", default=None, help="keep the corpus, models and outputs here (default: a temp dir)")
     for hidden in ("--child", "--manifest", "--out", "--ckpt", "--km"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
@@ -192,8 +199,11 @@ def main() -> None:
     ours_km = (work / "out_ours" / "all.km").read_text().splitlines()
     fairseq_km = (work / "out_fairseq" / "all_0_1.km").read_text().splitlines()
     differ = sum(a != b for a, b in zip(ours_km, fairseq_km)) + abs(len(ours_km) - len(fairseq_km))
+    ours_labels, fairseq_labels = (" ".join(lines).split() for lines in (ours_km, fairseq_km))
+    equal = sum(a == b for a, b in zip(ours_labels, fairseq_labels)) / max(len(ours_labels), len(fairseq_labels))
     print(f"labels: {len(ours_km)} lines; identical to fairseq's: "
-          f"{'yes' if differ == 0 else f'no, {differ} lines differ'}")
+          f"{'yes' if differ == 0 else f'no, {differ} lines differ'}; ours {'bf16' if args.bf16 else 'fp32'}: "
+          f"{100 * equal:.2f}% of {len(fairseq_labels)} labels equal to fairseq's fp32 labels")
 
     rate, cpu = {}, {}
     for side, runs in timed.items():
