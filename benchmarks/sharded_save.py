@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sharded_start import STAGE1, model_overrides, write_checkpoint  # noqa: E402
+from sharded_start import STAGE1, add_shape_arguments, model_overrides, write_checkpoint  # noqa: E402
 
 REPORT = "sharded-save"
 
@@ -83,10 +83,7 @@ def worker() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--dim", type=int, default=1536)
-    p.add_argument("--ffn", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=12)
+    add_shape_arguments(p)
     args = p.parse_args()
     import torch
 

@@ -36,6 +36,14 @@ def model_overrides(args) -> list[str]:
             f"model.decoder_kv_heads={args.heads}"]
 
 
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """The widened model's shape (456M parameters at the defaults)."""
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--dim", type=int, default=1536)
+    p.add_argument("--ffn", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=12)
+
+
 def write_checkpoint(args, out: Path) -> int:
     """A fairseq checkpoint of random weights of the benchmark's shape over the bundled data's vocabulary; its
     parameter count."""
@@ -103,10 +111,7 @@ def worker() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--dim", type=int, default=1536)
-    p.add_argument("--ffn", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=12)
+    add_shape_arguments(p)
     p.add_argument("--repeat", type=int, default=1, help="runs of each start (the range is printed)")
     args = p.parse_args()
     import torch

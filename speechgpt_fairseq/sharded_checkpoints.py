@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,14 +116,20 @@ def with_whole_model(checkpoint: str | os.PathLike, state: dict) -> dict:
 
 
 def is_index(path: str | os.PathLike) -> bool:
-    """Whether the file at `path` is a sharded checkpoint's index (its tensors are not read: the file is mapped)."""
+    """Whether the file at `path` is a sharded checkpoint's index."""
     if not os.path.isfile(path):
         return False
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return _directory_name(path) is not None
     except Exception:  # not a checkpoint: its readers say why
         return False
-    return isinstance(state, dict) and bool(state.get(INDEX_KEY))
+
+
+def _directory_name(path: str | os.PathLike) -> str | None:
+    """The shards directory a checkpoint file names (None for one written whole); its tensors are not read (the file
+    is mapped). Raises what torch.load raises on a file it cannot read."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return (state.get(INDEX_KEY) or None) if isinstance(state, dict) else None
 
 
 _per_rank = False  # set while the ranks of an fsdp2 run load a checkpoint (fsdp._mapped_checkpoint_loads)
@@ -172,12 +179,10 @@ def remove_unreferenced(save_dir: str) -> list[str]:
     referenced = set()
     for path in sorted(Path(save_dir).glob("checkpoint*.pt")):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            referenced.add(_directory_name(path))
         except Exception as e:  # a checkpoint being copied, or not ours: keep every directory
             logger.warning(f"{path}: unreadable ({type(e).__name__}); no shards directory removed")
             return []
-        if isinstance(state, dict) and state.get(INDEX_KEY):
-            referenced.add(state[INDEX_KEY])
     removed = []
     for directory in sorted(Path(save_dir).iterdir()):
         if (directory.is_dir() and not directory.is_symlink() and DIRECTORY.fullmatch(directory.name)
@@ -225,8 +230,6 @@ def _place(state: dict, path: tuple, value) -> None:
 @contextlib.contextmanager
 def warnings_of_dcp_silenced():
     """dcp.load(no_dist=True) warns that it assumes a single process, which is what is asked here."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         yield
