@@ -5,8 +5,9 @@ The knowledge is taught in text only (stage 2 mixes it in as text instructions);
 Questions are split by (person, relation): the spoken questions of stage 3 cover the training pairs, and the
 held-out questions ask about the others, so a held-out question is a combination never heard: its answer was
 only ever read. The answer's content (the city, the pet, ...) is never in the question, so it cannot be copied
-from it. The ASR/TTS sentences never put a person with a relation's phrase, so stage 2's speech teaches the
-words but not the facts. Everything is drawn from seeded random streams.
+from it. The ASR/TTS sentences put people where answers and questions put them ("anna lives with ben", "what
+colour does anna want for ben") but never state a fact or ask a question of the world, so stage 2's speech
+teaches the words and their places but not the facts. Everything is drawn from seeded random streams.
 """
 from __future__ import annotations
 
@@ -111,7 +112,13 @@ def make_world(rng: random.Random, held_out: tuple[float, float] = (0.1, 0.25)) 
 
 # ---- sentences for speech recognition and synthesis ----------------------------------------------------------
 # They use the world's words (names, cities, pets, jobs, colours, instruments, the question words and the phrases
-# answers are made of) so that stage 2 teaches how they sound, but never a person with a relation's phrase.
+# answers are made of) so that stage 2 teaches how they sound, and put people where answers and questions put
+# them, followed by a relation's verb or asked about, but never state a fact or ask a question of the world.
+# Without the "persons" and "asking" families a person was only ever followed by "met", "and", "called", ...:
+# the ASR transcribed the spoken answer "anna lives in oslo" as "does anna know ...", and held-out questions'
+# names as the names stage 3's training questions put in that question. Without "short" sentences (2-4 words,
+# as long as the answers) the ASR, which had heard nothing shorter than five words, transcribed the spoken answers
+# as a longer sentence or as units.
 
 _SENTENCES = {  # family -> templates; {p} {q} {r} people, {j} a job, {a} a pet, {c} a colour, {i} an instrument, ...
     "people": ["{p} met {q} and {r} at the station", "{p} wrote a letter to {q} and {r}",
@@ -123,12 +130,19 @@ _SENTENCES = {  # family -> templates; {p} {q} {r} people, {j} a job, {a} a pet,
                "the {c} {i} is next to the {a}", "the {j} plays the {i} in {city}", "the {j} likes {c} and {c2}"],
     "places": ["the {j} lives in {city} with a {a}", "the {j} from {city} lives in {city2}",
                "it was late so {p} and {q} stayed home", "the {j} flew from {city} to {city2}"],
+    "persons": ["{p} lives with {q} and {r}", "{p} lives next to {q}", "{p} has a friend called {q}",
+                "{p} is a friend of {q} and {r}", "{p} likes {q} and {r}", "{p} plays with {q} and {r}"],
+    "asking": ["what colour does {p} want for {q}", "what pet does {p} want for {q}", "what job does {p} want for {q}",
+               "where does {p} meet {q}", "what does {p} want from {q}", "which city does {p} know"],
+    "short": ["{p} likes {q}", "{p} is late", "{p} lives here", "{p} has a friend", "{p} plays well", "{p} and {q}",
+              "ask {p}", "the {c} {a}", "a {j} in {city}", "the {i} is {c}", "{city} or {city2}", "the {a} plays"],
     "questions": ["where does the {j} from {city} live", "what pet does the {j} have",
                   "what job does the {a} owner have", "what colour does the {a} like", "what does the {j} play in {city}",
                   "does the {j} live in {city}", "which {a} does the {j} like"],
 }
 # how often each family is drawn: names are the words held-out questions hinge on, so they are heard most
-_FAMILY_WEIGHTS = {"people": 3, "animals": 1, "things": 1, "places": 1, "questions": 1}
+_FAMILY_WEIGHTS = {"people": 2, "persons": 2, "asking": 2, "short": 2, "animals": 1, "things": 1, "places": 1,
+                   "questions": 1}
 _SLOTS = {"p": PEOPLE, "q": PEOPLE, "r": PEOPLE, "j": JOBS, "a": PETS, "c": COLOURS, "c2": COLOURS, "i": INSTRUMENTS,
           "i2": INSTRUMENTS, "city": CITIES, "city2": CITIES}
 _ARTICLE = re.compile(r"\ba (?=[aeiou])")

@@ -49,8 +49,20 @@ def test_sentences_use_the_words_but_state_no_fact_or_rule():
     for vocabulary in (w.PEOPLE, w.CITIES, w.PETS, w.JOBS, w.COLOURS, w.INSTRUMENTS):
         assert set(vocabulary) <= words
     people = "|".join(w.PEOPLE)
-    statement = re.compile(rf"\b({people}) (lives in|has an?|is an?|likes|plays the)\b")
-    assert not [s for s in sentences if statement.search(s)]
+
+    def pattern(text: str, values: tuple[str, ...] = ()) -> re.Pattern:  # a question or answer, any person or value
+        text = re.escape(text).replace(re.escape("{person}"), f"({people})")
+        return re.compile(rf"\b{text.replace(re.escape('{value}'), '(' + '|'.join(values) + ')')}\b")
+
+    facts = [pattern(r.answer, r.values) for r in w.RELATIONS]
+    questions = [pattern(q) for r in w.RELATIONS for q in (r.question, *r.paraphrases, w.PROFILE_QUESTION)]
+    assert not [s for s in sentences if any(p.search(s) for p in facts + questions)]
+    # people are where answers and questions put them: followed by a relation's verb, asked about
+    followed = {m.group(2) for s in sentences for m in re.finditer(rf"\b({people}) (\w+)", s)}
+    assert {"lives", "has", "is", "likes", "plays"} <= followed
+    for r in w.RELATIONS:
+        start = r.question.split("{person}")[0]  # "what colour does "
+        assert any(re.search(rf"\b{start}({people})\b", s) for s in sentences), start
     assert not [s for s in sentences if re.search(r"\ba [aeiou]", s)]  # "an orange", not "a orange"
 
 
