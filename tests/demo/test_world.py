@@ -63,6 +63,7 @@ def test_sentences_use_the_words_but_state_no_fact_or_rule():
     for r in w.RELATIONS:
         start = r.question.split("{person}")[0]  # "what colour does "
         assert any(re.search(rf"\b{start}({people})\b", s) for s in sentences), start
+    assert sum(len(s.split()) <= 4 for s in sentences) >= len(sentences) // 10  # as short as the answers
     assert not [s for s in sentences if re.search(r"\ba [aeiou]", s)]  # "an orange", not "a orange"
 
 
