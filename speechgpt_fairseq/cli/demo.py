@@ -7,16 +7,17 @@ from pathlib import Path
 
 from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.demo.corpus import make_corpus
+from speechgpt_fairseq.demo.world import answer_shapes
 from speechgpt_fairseq.errors import InputError
 
 
 class MakeCorpus:
     """Make a small spoken corpus with espeak-ng, nothing downloaded, about a small world of people and their facts:
     sentences that use its words, split into train / valid / test before synthesis (held-out sentences are never
-    heard in training) and spoken twice (in a drawn voice and rate, and in the assistant's voice); questions
-    about the people, split by (person, relation) and spoken several times, with spoken answers; the world's
-    knowledge as text instructions; fairseq audio manifests, transcripts and a LLaMA-style sentencepiece
-    tokenizer. Written whole or not at all."""
+    heard in training), with every answer's shape added to the training sentences, and spoken twice (in a drawn
+    voice and rate, and in the assistant's voice); questions about the people, split by (person, relation) and
+    spoken several times, with spoken answers; the world's knowledge as text instructions; fairseq audio
+    manifests, transcripts and a LLaMA-style sentencepiece tokenizer. Written whole or not at all."""
 
     help = "make a spoken corpus with espeak-ng (the demo's data)"
 
@@ -25,7 +26,8 @@ class MakeCorpus:
         p.add_argument("--out", required=True, help="corpus directory to write")
         p.add_argument("--sentences", type=positive_int, nargs=3, default=[4000, 200, 100],
                        metavar=("TRAIN", "VALID", "TEST"),
-                       help="distinct sentences per split (default 4000 200 100)")
+                       help="distinct sentences per split (default 4000 200 100); the training split also gets "
+                            f"every answer's shape with every person and value ({len(answer_shapes())})")
         p.add_argument("--renditions", type=positive_int, nargs=3, default=[10, 2, 3],
                        metavar=("TRAIN", "VALID", "TEST"),
                        help="times each question of a split is spoken, in drawn voices and rates (default 10 2 3)")

@@ -172,12 +172,12 @@ Wall time: {wall_seconds / 60:.1f} minutes; {verdict}.
 
 {len(PEOPLE)} people, and for each where they live, their pet, job, favourite colour and instrument. The
 knowledge is taught in text only: stage 2 mixes text instructions that ask about every fact (in several
-phrasings) into its ASR and TTS examples, whose sentences use the same words but never state a fact. Stage 3
-teaches the chain of modality on spoken questions about some (person, relation) pairs; the held-out spoken
-questions ask about the others, so each is a combination never heard, whose answer was only read. Answers name
-what the question does not (the city, the pet, ...), so they cannot be copied from it. Held-out questions are
-spoken in voices and rates drawn for them; the model answers in the assistant's voice, the one all its speech
-targets are in.
+phrasings) into its ASR and TTS examples, whose sentences use the same words but never state a fact (the answers'
+shapes are spoken with every person and every value alike). Stage 3 teaches the chain of modality on spoken
+questions about some (person, relation) pairs; the held-out spoken questions ask about the others, so each is a
+combination never heard, whose answer was only read. Answers name what the question does not (the city, the
+pet, ...), so they cannot be copied from it. Held-out questions are spoken in voices and rates drawn for them;
+the model answers in the assistant's voice, the one all its speech targets are in.
 
 ## Held-out test set, trained against untrained
 

@@ -6,8 +6,9 @@ Questions are split by (person, relation): the spoken questions of stage 3 cover
 held-out questions ask about the others, so a held-out question is a combination never heard: its answer was
 only ever read. The answer's content (the city, the pet, ...) is never in the question, so it cannot be copied
 from it. The ASR/TTS sentences put people where answers and questions put them ("anna lives with ben", "what
-colour does anna want for ben") but never state a fact or ask a question of the world, so stage 2's speech
-teaches the words and their places but not the facts. Everything is drawn from seeded random streams.
+colour does anna want for ben") but never state a fact or ask a question of the world; the answers' shapes are
+spoken with every person and every value alike (answer_shapes). So stage 2's speech teaches the words, their
+places and the answers' sound, but not the facts. Everything is drawn from seeded random streams.
 """
 from __future__ import annotations
 
@@ -108,6 +109,13 @@ def make_world(rng: random.Random, held_out: tuple[float, float] = (0.1, 0.25)) 
         if {p for p, _ in trained} == set(PEOPLE) and \
                 all(sum(r == name for _, r in trained) >= len(PEOPLE) // 2 for name in RELATION_NAMES):
             return World(facts, split)
+
+
+def answer_shapes() -> list[str]:
+    """Every relation's answer with every person and every value ("anna lives in paris", "anna lives in rome", ...):
+    each person is said to have every value, equally often, so the sentences state nothing, but stage 2 hears and
+    says the spoken answers' shapes."""
+    return [r.answer.format(person=p, value=v) for r in RELATIONS for p in PEOPLE for v in r.values]
 
 
 # ---- sentences for speech recognition and synthesis ----------------------------------------------------------

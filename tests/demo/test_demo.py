@@ -11,6 +11,7 @@ import soundfile as sf
 
 from speechgpt_fairseq.demo.corpus import is_corpus_file, make_corpus
 from speechgpt_fairseq.demo.report import MEASURES, find_log, validation_curve
+from speechgpt_fairseq.demo.world import answer_shapes
 
 SPLITS = ("train", "valid", "test")
 
@@ -78,9 +79,11 @@ def test_a_second_run_redoes_nothing(cli, demo):
 def test_make_corpus_splits_and_manifests(tmp_path, espeak_ng):
     out = tmp_path / "corpus"
     stats = make_corpus(out, sentences=(12, 4, 4), renditions=(2, 1, 1), vocab_size=400, show_progress=False)
-    assert stats["sentences"] == {"train": 12, "valid": 4, "test": 4}
+    shapes = answer_shapes()
+    assert stats["sentences"] == {"train": 12 + len(shapes), "valid": 4, "test": 4}
     texts = {s: (out / f"{s}.wrd").read_text().splitlines() for s in ("train", "valid", "test")}
     assert not set(texts["train"]) & (set(texts["valid"]) | set(texts["test"]))  # held out before synthesis
+    assert set(shapes) <= set(texts["train"])  # the answers' shapes are heard in training only
     for name in ("train", "valid", "test", "test_assistant", "qa_test_questions", "qa_test_answers"):
         root, *lines = (out / f"{name}.tsv").read_text().splitlines()
         assert Path(root) == out.absolute()
@@ -101,9 +104,10 @@ def test_make_corpus_splits_and_manifests(tmp_path, espeak_ng):
     assert sp.get_piece_size() == 400
     with pytest.raises(ValueError, match="exists and is not empty"):
         make_corpus(out, sentences=(2, 1, 1), renditions=(1, 1, 1), show_progress=False)
-    assert len((out / "train.wrd").read_text().splitlines()) == 12  # the existing corpus is untouched
+    assert len((out / "train.wrd").read_text().splitlines()) == 12 + len(shapes)  # the existing corpus is untouched
     assert all(is_corpus_file(p.name) for p in out.iterdir())  # so that --overwrite replaces a corpus
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds 'notes.txt', which this command does not write"):
         make_corpus(out, sentences=(2, 1, 1), renditions=(1, 1, 1), overwrite=True, show_progress=False)
-    assert len((out / "train.wrd").read_text().splitlines()) == 12 and (out / "notes.txt").read_text() == "mine"
+    assert (out / "train.wrd").read_text() == "".join(t + "\n" for t in texts["train"])
+    assert (out / "notes.txt").read_text() == "mine"

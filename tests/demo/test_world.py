@@ -2,6 +2,7 @@
 the question, and the speech sentences teach the words without stating a fact."""
 import random
 import re
+from collections import Counter
 
 from speechgpt_fairseq.demo import world as w
 
@@ -65,6 +66,18 @@ def test_sentences_use_the_words_but_state_no_fact_or_rule():
         assert any(re.search(rf"\b{start}({people})\b", s) for s in sentences), start
     assert sum(len(s.split()) <= 4 for s in sentences) >= len(sentences) // 10  # as short as the answers
     assert not [s for s in sentences if re.search(r"\ba [aeiou]", s)]  # "an orange", not "a orange"
+
+
+def test_answer_shapes_give_every_person_every_value_alike():
+    said = Counter()
+    for shape in w.answer_shapes():
+        match = [(p, r.name, v) for r in w.RELATIONS for p in w.PEOPLE for v in r.values
+                 if shape == r.answer.format(person=p, value=v)]
+        assert len(match) == 1, shape  # an answer, of one person and value
+        said[match[0]] += 1
+    # every person with every value of every relation, once: no value is told apart, so nothing is stated
+    assert said.keys() == {(p, r.name, v) for r in w.RELATIONS for p in w.PEOPLE for v in r.values}
+    assert set(said.values()) == {1}
 
 
 def test_the_same_seed_gives_the_same_world_and_sentences():
