@@ -206,7 +206,7 @@ def _our_checkpoint_refusal_last() -> None:
 
     @functools.wraps(original)
     def load_checkpoint(self, filename, *args, **kwargs):
-        from speechgpt_fairseq.models.llama import ModelConfigError, VocabularyMismatchError
+        from speechgpt_fairseq.models.checkpoints import ModelConfigError, VocabularyMismatchError
 
         try:
             return original(self, filename, *args, **kwargs)

@@ -124,7 +124,7 @@ def test_fsdp2_sharded_checkpoints_resume_bit_identically_and_read_whole(cli, tm
 
     from speechgpt_fairseq.models.checkpoints import read_checkpoint
     from speechgpt_fairseq.models.hf import export_hf
-    from speechgpt_fairseq.models.lora import load_base_weights
+    from speechgpt_fairseq.models.checkpoints import load_base_weights
 
     shards = [*SHARDED, "distributed_training.use_sharded_state=true"]
     whole, resumed = (tmp_path / run / "checkpoints" / "stage1-tiny" for run in ("whole", "resumed"))
@@ -228,7 +228,7 @@ def test_fsdp2_maps_the_checkpoint_it_loads(tmp_path):
     from fairseq.dataclass.configs import FairseqConfig
 
     from speechgpt_fairseq.data.vocabulary import Vocabulary
-    from speechgpt_fairseq.models.hf import fairseq_checkpoint
+    from speechgpt_fairseq.models.checkpoints import fairseq_checkpoint
 
     model = tiny_model()
     weights = {**model.state_dict(), "big": torch.randn(512, 512)}  # pages wholly inside a tensor are dropped

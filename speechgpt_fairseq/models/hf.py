@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -30,10 +29,10 @@ from omegaconf import OmegaConf
 from speechgpt_fairseq.atomic_files import atomic_dir, check_output_dir
 from speechgpt_fairseq.data.vocabulary import SLOW_433, VOCAB_FILE, Vocabulary
 from speechgpt_fairseq.errors import InputError
-from speechgpt_fairseq.models.checkpoints import unreadable
+from speechgpt_fairseq.models.checkpoints import (checkpoint_model_config, checkpoint_vocabulary, fairseq_checkpoint,
+                                                  merge_lora_state, plain_weights, read_weights, unreadable)
 from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, validate_config
-from speechgpt_fairseq.models.lora import LORA_TARGETS, load_base_weights, merge_lora_state
-from speechgpt_fairseq.sharded_checkpoints import with_whole_model
+from speechgpt_fairseq.models.lora import LORA_TARGETS
 
 logger = logging.getLogger(__name__)
 
@@ -271,80 +270,6 @@ def _expected_shapes(cfg, vocab_size: int) -> dict[str, tuple[int, ...]]:
 
 
 # ---- fairseq checkpoint files ------------------------------------------------------------------------
-def fairseq_checkpoint(model_state: dict, model_cfg: SpeechGPTLlamaConfig, vocab: Vocabulary, data: str) -> dict:
-    """A checkpoint in the layout fairseq's trainer writes, loadable by fairseq-generate and finetune_from_model."""
-    from fairseq.dataclass.configs import FairseqConfig
-
-    from speechgpt_fairseq.data.vocabulary import dictionary_digest
-    from speechgpt_fairseq.tasks.unit_lm import UnitLMConfig
-
-    cfg = OmegaConf.structured(FairseqConfig())
-    with _open(cfg):
-        cfg.model = OmegaConf.structured(model_cfg)
-        cfg.model._name = "speechgpt_llama"
-        cfg.task = OmegaConf.structured(UnitLMConfig(data=data))
-        cfg.task._name = "unit_lm"
-        cfg.criterion = {"_name": "speechgpt_cross_entropy"}
-    model_state = dict(model_state)
-    model_state["decoder.vocab_digest"] = torch.tensor(list(bytes.fromhex(dictionary_digest(vocab.to_dictionary()))),
-                                                       dtype=torch.uint8)
-    return {
-        "cfg": OmegaConf.to_container(cfg, resolve=False, enum_to_str=True),
-        "model": model_state,
-        "task_state": {"vocabulary": vocab.to_dict()},
-        "optimizer_history": [{"criterion_name": "SpeechGPTCrossEntropyCriterion", "optimizer_name": "none",
-                               "lr_scheduler_state": {}, "num_updates": 0}],
-        "extra_state": {},
-        "last_optimizer_state": None,
-    }
-
-
-@contextmanager
-def _open(cfg):
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        yield
-
-
-def load_fairseq_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise HFCheckpointError(f"{path}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise HFCheckpointError(f"{path}: not a loadable fairseq checkpoint ({unreadable(e)})") from None
-    return with_whole_model(path, state)  # a sharded checkpoint's model is assembled from its shards
-
-
-def checkpoint_model_config(state: dict, path: Path) -> SpeechGPTLlamaConfig:
-    """The model config a checkpoint of ours was written with (fields it predates take their defaults)."""
-    cfg = OmegaConf.create(state.get("cfg") or {})
-    if OmegaConf.select(cfg, "model._name") != "speechgpt_llama":
-        raise HFCheckpointError(f"{path}: model {OmegaConf.select(cfg, 'model._name')!r}, expected a "
-                                f"speechgpt_llama checkpoint")
-    fields = {k: v for k, v in cfg.model.items() if k in SpeechGPTLlamaConfig.__dataclass_fields__}
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SpeechGPTLlamaConfig), fields))
-
-
-def checkpoint_vocabulary(state: dict, path: Path) -> Vocabulary:
-    vocab_dict = (state.get("task_state") or {}).get("vocabulary")
-    if vocab_dict is None:
-        raise HFCheckpointError(f"{path}: carries no vocabulary (task_state); was it written by speechgpt-fairseq?")
-    return Vocabulary.from_dict(vocab_dict, source=path)
-
-
-def plain_weights(state: dict, model_cfg: SpeechGPTLlamaConfig) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights as a model without LoRA has them: adapters merged into their Linear weights, the
-    base read from `lora_base` when the checkpoint holds only the adapters."""
-    weights = state["model"]
-    if not model_cfg.lora_rank:
-        return weights
-    if "decoder.embed_tokens.weight" not in weights:
-        weights = {**load_base_weights(model_cfg.lora_base), **weights}
-    return merge_lora_state(weights, model_cfg.lora_alpha / model_cfg.lora_rank)
-
-
 def _checkpoint_file(path: Path) -> Path:
     """A checkpoint named directly, or the checkpoint.pt of a directory written by convert-hf / import-peft."""
     return path / "checkpoint.pt" if path.is_dir() else path
@@ -401,7 +326,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
 
     checkpoint, out = Path(checkpoint), Path(out)
     check_output_dir(out, overwrite, inputs=[checkpoint], ours=is_hf_dir_file)
-    state = load_fairseq_checkpoint(checkpoint)
+    state = read_weights(checkpoint)
     model_cfg = checkpoint_model_config(state, checkpoint)
     vocab = checkpoint_vocabulary(state, checkpoint)
     tensors = {fairseq_to_hf_name(k): v.contiguous() for k, v in plain_weights(state, model_cfg).items()
@@ -600,7 +525,7 @@ def import_peft(base: str | os.PathLike, out: str | os.PathLike, adapter: str | 
     the merged model, otherwise a LoRA model whose checkpoint holds only the adapter (lora_base = BASE)."""
     base, out, adapter = _checkpoint_file(Path(base)), Path(out), Path(adapter)
     check_output_dir(out, overwrite, inputs=[base, adapter], ours=is_checkpoint_dir_file)
-    state = load_fairseq_checkpoint(base)
+    state = read_weights(base)
     model_cfg, vocab = checkpoint_model_config(state, base), checkpoint_vocabulary(state, base)
     if model_cfg.lora_rank:
         raise HFCheckpointError(f"{base}: a LoRA checkpoint (lora_rank {model_cfg.lora_rank}); the base must hold "

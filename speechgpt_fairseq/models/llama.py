@@ -21,10 +21,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from speechgpt_fairseq import fsdp
-from speechgpt_fairseq.data.vocabulary import dictionary_digest
-from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.models import kernels
-from speechgpt_fairseq.models.lora import LoRAError, apply_lora, is_lora_key, load_base_weights, parse_targets
+from speechgpt_fairseq.models.checkpoints import (ModelConfigError, check_checkpoint_fits, drop_base_weights,
+                                                  load_base_weights, lora_state_to_load, vocab_digest)
+from speechgpt_fairseq.models.lora import LoRAError, apply_lora, parse_targets
 
 
 @dataclass
@@ -65,14 +65,6 @@ class SpeechGPTLlamaConfig(FairseqDataclass):
     lora_base: str = field(
         default="", metadata={"help": "fairseq checkpoint holding the frozen base weights; when set, the model is "
                                       "built from it and its checkpoints hold only the LoRA weights"})
-
-
-class ModelConfigError(InputError):
-    """A model configuration, or a checkpoint for it, that cannot work."""
-
-
-class VocabularyMismatchError(ModelConfigError):
-    """A checkpoint trained on another vocabulary than the data's (told apart by their digests)."""
 
 
 def validate_config(cfg) -> None:
@@ -239,9 +231,6 @@ def positions_within_examples(example_ids: Tensor) -> Tensor:
     return idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
 
 
-VOCAB_DIGEST_BYTES = 32  # sha256 of the vocabulary (data/vocabulary.py's dictionary_digest)
-
-
 class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
     """The LLaMA, built from a config and a vocabulary size. Training and scoring run whole sequences
     (`extract_features`); generation runs `prefill` then `step` over a `KVCache` the caller owns."""
@@ -257,7 +246,7 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
         self.head_dim = cfg.head_dim or dim // cfg.decoder_attention_heads
         self.rotary = Rotary(rotary_frequencies(self.head_dim, cfg), cfg.max_target_positions)
         # the vocabulary the embedding rows belong to, checked when a checkpoint is loaded; zeros: not known
-        self.register_buffer("vocab_digest", torch.zeros(VOCAB_DIGEST_BYTES, dtype=torch.uint8))
+        self.register_buffer("vocab_digest", vocab_digest(None))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -278,8 +267,7 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
                 if isinstance(param, DTensor):
                     full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
                 param.copy_(full)
-        digest = dictionary_digest(self.dictionary) if self.dictionary is not None else None
-        self.vocab_digest.copy_(torch.tensor(list(bytes.fromhex(digest))) if digest else torch.zeros_like(self.vocab_digest))
+        self.vocab_digest.copy_(vocab_digest(self.dictionary))
 
     # ---- whole sequences (training, scoring) -------------------------------------------------
     def extract_features(self, tokens: Tensor, example_ids: Tensor | None = None, **unused) -> Tensor:
@@ -455,32 +443,6 @@ class KVCache:
         self.k, self.v = k, v
 
 
-def check_checkpoint_fits(decoder: SpeechGPTLlamaDecoder, state_dict: dict, prefix: str) -> None:
-    """Refuse, with the reason, a checkpoint of another vocabulary or another shape."""
-    theirs = state_dict.get(prefix + "vocab_digest")
-    emb = state_dict.get(prefix + "embed_tokens.weight")
-    n_ours = decoder.embed_tokens.weight.size(0)
-    ours = decoder.vocab_digest.cpu()
-    if theirs is not None and theirs.any() and ours.any() and not torch.equal(theirs.to(torch.uint8), ours):
-        n_theirs = emb.size(0) if emb is not None else None
-        what = (f"{n_theirs} tokens against {n_ours}" if n_theirs not in (None, n_ours) else
-                f"both have {n_ours} tokens, but other tokens at some ids or other special ids (bos/eos/pad/unk)")
-        raise VocabularyMismatchError(
-            f"the checkpoint's vocabulary differs from the data directory's ({what}); binarize the data with the "
-            f"checkpoint's vocab.json (speechgpt prepare-units / prepare-sft --vocab ...)")
-    if theirs is None:  # a state dict from elsewhere (e.g. built by hand): shapes are all we can check
-        state_dict[prefix + "vocab_digest"] = decoder.vocab_digest.clone()
-    mismatched = [f"{k[len(prefix):]}: checkpoint {tuple(v.shape)}, model {tuple(p.shape)}"
-                  for k, p in decoder.state_dict().items()
-                  if (v := state_dict.get(prefix + k)) is not None and v.shape != p.shape]
-    if mismatched:
-        hint = "pick the preset that matches it"
-        if any(is_lora_key(m.split(":")[0]) for m in mismatched):
-            hint += "; LoRA weights: set lora_rank to the checkpoint's"
-        raise ModelConfigError(f"the checkpoint does not fit the configured model ({hint}):\n  "
-                               + "\n  ".join(mismatched[:6]))
-
-
 @register_model("speechgpt_llama", dataclass=SpeechGPTLlamaConfig)
 class SpeechGPTLlamaModel(FairseqLanguageModel):
     """The LLaMA decoder as a fairseq language model, optionally with LoRA adapters (lora_rank > 0)."""
@@ -531,24 +493,14 @@ class SpeechGPTLlamaModel(FairseqLanguageModel):
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)
         if self.adapter_only:
-            for key in [k for k in state if not (is_lora_key(k) or k.endswith("vocab_digest"))]:
-                del state[key]
+            drop_base_weights(state)
         return state
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Also loads, into a LoRA model, an adapter-only state dict (the base stays the one read from lora_base)
         and a plain one (the adapters keep their initial values, so the model equals the loaded weights)."""
         if self.decoder.cfg.lora_rank:
-            own = super().state_dict()
-            plain = not any(is_lora_key(k) for k in state_dict)
-            adapter_only = "decoder.embed_tokens.weight" not in state_dict
-            if adapter_only and not self.adapter_only:
-                raise ModelConfigError("the checkpoint holds only LoRA weights but lora_base is not set: name the "
-                                       "checkpoint of the base weights it was trained on (model.lora_base=PATH)")
-            state_dict = dict(state_dict)
-            for key, value in own.items():
-                if key not in state_dict and ((is_lora_key(key) and plain) or (not is_lora_key(key) and adapter_only)):
-                    state_dict[key] = value
+            state_dict = lora_state_to_load(state_dict, super().state_dict(), self.adapter_only)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     def num_parameters(self) -> int:

@@ -10,7 +10,6 @@ Initialised as PEFT does (A Kaiming-uniform, B zero), a wrapped model starts equ
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -18,8 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechgpt_fairseq.errors import InputError
-from speechgpt_fairseq.models.checkpoints import unreadable
-from speechgpt_fairseq.sharded_checkpoints import with_whole_model
 
 # the Linear layers of a LLaMA block, by their Hugging Face names
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -101,33 +98,3 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     for name, param in model.named_parameters():
         param.requires_grad = is_lora_key(name)
     return wrapped
-
-
-def merge_lora_state(state: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
-    """A state dict with LoRA weights -> the plain model's: each adapted W becomes W + B A * scaling."""
-    merged = {k: v for k, v in state.items() if not is_lora_key(k)}
-    for key in state:
-        if key.endswith(".lora_A"):
-            module = key[:-len(".lora_A")]
-            merged[module + ".weight"] = merged_weight(state[module + ".weight"], state[key],
-                                                       state[module + ".lora_B"], scaling)
-    return merged
-
-
-def load_base_weights(path: str | Path) -> dict[str, Tensor]:
-    """The weights of the fairseq checkpoint a LoRA model's `lora_base` names; they must be plain (no adapter)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoRAError(f"lora_base {path}: no such checkpoint file (the checkpoint holding the frozen base "
-                        f"weights; fairseq-generate can point elsewhere with --model-overrides \"{{'lora_base': "
-                        f"'PATH'}}\")")
-    try:
-        # mmap: a 7B base is read page by page as it is copied into the model, not held twice in memory
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise LoRAError(f"lora_base {path}: not a loadable fairseq checkpoint ({unreadable(e)})") from None
-    state = with_whole_model(path, state)["model"]  # a sharded checkpoint's model is assembled from its shards
-    if any(is_lora_key(k) for k in state):
-        raise LoRAError(f"lora_base {path}: holds LoRA weights; a base must be a plain checkpoint (merge this one "
-                        f"first with speechgpt export-hf and convert-hf, or import-peft --merge)")
-    return state

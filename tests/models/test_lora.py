@@ -13,8 +13,9 @@ import speechgpt_fairseq
 
 speechgpt_fairseq.register()
 from speechgpt_fairseq.data.vocabulary import Vocabulary
-from speechgpt_fairseq.models.hf import HFCheckpointError, convert_hf, export_hf, fairseq_checkpoint, import_peft
-from speechgpt_fairseq.models.llama import ModelConfigError, SpeechGPTLlamaConfig, SpeechGPTLlamaModel
+from speechgpt_fairseq.models.checkpoints import ModelConfigError, fairseq_checkpoint
+from speechgpt_fairseq.models.hf import HFCheckpointError, convert_hf, export_hf, import_peft
+from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 from speechgpt_fairseq.models.lora import LORA_TARGETS, LoRAError, LoRALinear, is_lora_key
 
 REPO = Path(__file__).resolve().parents[2]
