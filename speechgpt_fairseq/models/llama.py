@@ -103,8 +103,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalised in fp32, scaled after the cast back, as LLaMA does
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        # normalised in fp32 (F.rms_norm computes in fp32 for bf16/fp16 input, then rounds), scaled after the cast
+        # back, as LLaMA does
+        return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
 
 def rms_norm(dim: int, eps: float) -> nn.Module:
@@ -137,7 +138,8 @@ def rotary_frequencies(head_dim: int, cfg) -> Tensor:
 
 class Rotary:
     """cos/sin tables (positions, head_dim) of the rotary embedding, in fp32 whatever the model's dtype (as
-    transformers computes them), on the device asked for, grown on demand. Derived from the config: no state."""
+    transformers computes them), on the device asked for, grown on demand. Derived from the config: no state. The
+    sin table's first half is negated, as `apply_rotary` uses it."""
 
     def __init__(self, inv_freq: Tensor, max_positions: int):
         self.inv_freq = inv_freq
@@ -146,7 +148,7 @@ class Rotary:
     def _build(self, n: int, device: torch.device) -> None:
         freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), self.inv_freq.to(device))
         emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.cos, self.sin = emb.cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
     def __call__(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """Tables for positions [start, start + length): (T, D)."""
@@ -162,9 +164,10 @@ class Rotary:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, T, D) by position; halves convention (HF's rotate_half)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate (B, H, T, D) by position; halves convention: x * cos + rotate_half(x) * sin, where rotate_half(x) is
+    (-x2, x1) for halves (x1, x2) (HF's), computed as the halves swapped times the sin table whose first half is
+    negated (`Rotary`'s): the same products, one operation fewer."""
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -174,10 +177,10 @@ class Attention(nn.Module):
         self.n_heads = cfg.decoder_attention_heads
         self.n_kv = cfg.decoder_kv_heads or self.n_heads
         self.head_dim = cfg.head_dim or dim // self.n_heads
-        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.q_proj = kernels.Linear(dim, self.n_heads * self.head_dim)
+        self.k_proj = kernels.Linear(dim, self.n_kv * self.head_dim)
+        self.v_proj = kernels.Linear(dim, self.n_kv * self.head_dim)
+        self.o_proj = kernels.Linear(self.n_heads * self.head_dim, dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, causal: bool = True,
                 kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
@@ -201,9 +204,9 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         dim, hidden = cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = kernels.Linear(dim, hidden)
+        self.up_proj = kernels.Linear(dim, hidden)
+        self.down_proj = kernels.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -242,7 +245,7 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
         self.embed_tokens = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.decoder_layers))
         self.norm = rms_norm(dim, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.share_decoder_input_output_embed else nn.Linear(dim, vocab_size, bias=False)
+        self.lm_head = None if cfg.share_decoder_input_output_embed else kernels.Linear(dim, vocab_size)
         self.head_dim = cfg.head_dim or dim // cfg.decoder_attention_heads
         self.rotary = Rotary(rotary_frequencies(self.head_dim, cfg), cfg.max_target_positions)
         # the vocabulary the embedding rows belong to, checked when a checkpoint is loaded; zeros: not known
@@ -292,7 +295,7 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def output_layer(self, features: Tensor) -> Tensor:
-        return F.linear(features, self.output_weight)
+        return kernels.linear(features, self.output_weight)
 
     def max_positions(self) -> int:
         return self.cfg.max_target_positions
@@ -327,6 +330,7 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
             raise ValueError(f"the cache holds {cache.capacity} positions; {start} are filled, {T} more do not fit")
         x = self.embed_tokens(tokens)  # (B, T, C)
         cos, sin = self.rotary.at(cache.positions(T)) if cache.padded else self.rotary(start, T, tokens.device)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once, not in every layer
         mask, causal = cache.attention_mask(T)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, causal, cache.layer(i), start)

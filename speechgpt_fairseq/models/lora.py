@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechgpt_fairseq.errors import InputError
+from speechgpt_fairseq.models import kernels
 
 # the Linear layers of a LLaMA block, by their Hugging Face names
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -57,7 +58,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
-        return F.linear(x, self.weight, self.bias) + update * self.scaling
+        base = kernels.linear(x, self.weight) if self.bias is None else F.linear(x, self.weight, self.bias)
+        return base + update * self.scaling
 
     def merge(self) -> nn.Linear:
         """A plain Linear computing the same function (in eval mode): W + B A * scaling."""
@@ -90,7 +92,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     wrapped = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if name in targets and type(child) is nn.Linear:
+            if name in targets and isinstance(child, nn.Linear) and not isinstance(child, LoRALinear):
                 setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
                 wrapped.append(f"{parent_name}.{name}" if parent_name else name)
     if not wrapped:

@@ -213,3 +213,23 @@ def test_one_query_fp32_steps_on_the_cpu_match_sdpa(log):
     assert log() == ["kernels: attention (torch.float32, cached step) on cpu (matmuls, query heads grouped by "
                      "key/value head)",
                      "kernels: attention (torch.bfloat16, cached step) on cpu (torch's kernel for this device)"]
+
+
+def test_linear_layers_compute_f_linear_for_any_rows_and_keep_its_gradients(log):
+    """Every projection and the output layer run `kernels.linear`: without gradients in fp32 on the CPU it is
+    computed as weight @ x^T (faster there), which gives F.linear's values within fp32 rounding for one row, several,
+    none, or a (B, T) batch, contiguous; with gradients, or in bf16, it is F.linear itself."""
+    torch.manual_seed(0)
+    w = torch.randn(300, 64)
+    for shape in [(1, 64), (2, 64), (17, 64), (3, 5, 64), (0, 64), (1, 1, 64)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            out = kernels.linear(x, w)
+        assert out.shape == (*shape[:-1], 300) and out.is_contiguous()
+        torch.testing.assert_close(out, F.linear(x, w), atol=1e-5, rtol=1e-5)
+    x = torch.randn(4, 64, requires_grad=True)
+    out = kernels.linear(x, w)
+    assert out.grad_fn is not None and torch.equal(out, F.linear(x, w))
+    with torch.no_grad():
+        assert torch.equal(kernels.linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+    assert log() == ["kernels: linear layers in fp32 on the CPU without gradients as weight @ x^T"]
