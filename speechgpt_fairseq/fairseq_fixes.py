@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import types
 
 import numpy as np
@@ -198,19 +199,29 @@ def _no_tensorboardx_advice() -> None:
 def _our_checkpoint_refusal_last() -> None:
     """fairseq's trainer turns any error loading a checkpoint's weights into "Cannot load model parameters from
     checkpoint ...; please ensure that the architectures match", the last line a user reads. When the error is
-    our refusal (models/llama.py: another vocabulary, another shape) it is raised instead, naming the checkpoint
-    and, for a vocabulary, the tokens that differ (read from the vocabulary the checkpoint carries)."""
+    our refusal (models/checkpoints.py: another vocabulary, another shape) it is raised instead, naming the
+    checkpoint and, for a vocabulary, the tokens that differ (read from the vocabulary the checkpoint carries).
+    Resuming a checkpoint whose optimizer state covers other parameters (another run's: a LoRA model resumed from a
+    full fine-tuning's checkpoint_last, or the reverse) is refused naming the file, not with torch's message."""
     from fairseq.trainer import Trainer
 
     original = Trainer.load_checkpoint
 
     @functools.wraps(original)
     def load_checkpoint(self, filename, *args, **kwargs):
+        from speechgpt_fairseq.errors import InputError
         from speechgpt_fairseq.models.checkpoints import ModelConfigError, VocabularyMismatchError
 
         try:
             return original(self, filename, *args, **kwargs)
         except Exception as e:
+            if "doesn't match the size of optimizer's group" in str(e):  # torch's, loading the optimizer's state
+                raise InputError(
+                    f"{os.path.abspath(filename)}: its optimizer state is for other trainable parameters than this "
+                    f"model's (a run of "
+                    f"another model config wrote it, e.g. with or without LoRA): resume it with its own config, or "
+                    f"start from its weights in another checkpoint.save_dir with checkpoint.finetune_from_model"
+                ) from None
             ours = e if isinstance(e, ModelConfigError) else e.__cause__ or e.__context__
             if not isinstance(ours, ModelConfigError):
                 raise

@@ -2,6 +2,7 @@
 fairseq-generate + speechgpt score."""
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,24 @@ def test_stage3_lora_on_the_stage2_checkpoint(cli, trained, tmp_path):
     cli("speechgpt", "export-hf", adapters, tmp_path / "hf")
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf.config.vocab_size == 1106
+
+
+def test_resuming_another_models_checkpoint_is_refused_naming_it(cli, sft_data, trained, tmp_path):
+    """A LoRA run started in a save_dir that holds a full fine-tuning's checkpoint_last resumes it: the weights load
+    (a plain checkpoint fits a LoRA model) but the optimizer state is for other parameters. The error names the
+    file and what to do, not torch's "parameter group" message; the checkpoint is left as it was."""
+    ckpt, _ = trained
+    last = tmp_path / "checkpoints" / "stage2-tiny" / "checkpoint_last.pt"
+    last.parent.mkdir(parents=True)
+    shutil.copy(ckpt, last)
+    before = last.read_bytes()
+    run = train(cli, tmp_path, sft_data, "model.lora_rank=4", "optimization.max_update=31", check=False)
+    assert run.returncode != 0
+    error = [line for line in run.stderr.splitlines() if re.match(r"^[\w.]+Error: ", line)][-1]
+    assert error.startswith(f"speechgpt_fairseq.errors.InputError: {last}: its optimizer state is for other "
+                            f"trainable parameters than this model's")
+    assert "checkpoint.finetune_from_model" in error
+    assert last.read_bytes() == before
 
 
 def test_round_trip_transcribes_spoken_answers_with_the_models_asr(cli, trained, tmp_path):

@@ -111,7 +111,7 @@ def test_checkpoint_with_another_vocabulary_is_refused_before_training(cli, conv
     assert run.returncode != 0
     last_error = [line for line in run.stderr.splitlines() if re.match(r"^[\w.]+Error: ", line)][-1]
     n = len(tokens)
-    assert last_error == (f"speechgpt_fairseq.models.llama.VocabularyMismatchError: {checkpoint}: its vocabulary "
+    assert last_error == (f"speechgpt_fairseq.models.checkpoints.VocabularyMismatchError: {checkpoint}: its vocabulary "
                           f"differs from {data}'s vocab.json (2 ids hold other tokens, the first id {n - 4}: "
                           f"'[Human]' against '[SpeechGPT]'); binarize the data with the checkpoint's vocab.json "
                           f"(speechgpt prepare-units / prepare-sft --vocab ...)")
