@@ -10,7 +10,8 @@ from pathlib import Path
 from speechgpt_fairseq.atomic_files import atomic_file
 from speechgpt_fairseq.demo.world import PEOPLE
 
-_VALID = re.compile(r"valid on 'valid' subset \| loss ([0-9.]+) .*\| num_updates (\d+)")
+# the cross-entropy without label smoothing (nll_loss): `loss` adds the smoothing term, where a stage sets one
+_VALID = re.compile(r"valid on 'valid' subset \|.*\| nll_loss ([0-9.]+) .*\| num_updates (\d+)")
 STAGES = {"stage1": "stage 1: unit LM", "stage2": "stage 2: ASR, TTS, text instructions",
           "stage3": "stage 3: chain of modality"}
 
@@ -61,7 +62,8 @@ MEASURES = [
 
 
 def validation_curve(log: Path) -> list[tuple[int, float]]:
-    """(update, validation loss in bits per token) from a fairseq-hydra-train log."""
+    """(update, validation cross-entropy in bits per token, without label smoothing) from a fairseq-hydra-train
+    log."""
     points = [(int(m.group(2)), float(m.group(1))) for m in map(_VALID.search, log.read_text().splitlines()) if m]
     return sorted(dict(points).items())
 
@@ -193,7 +195,7 @@ Held-out questions answered right, by relation (trained):
 |---|---|---|
 {relation_rows}
 
-## Validation loss (bits per token)
+## Validation loss (cross-entropy in bits per token, without label smoothing)
 
 | stage | untrained | first validation | best | last |
 |---|---|---|---|---|
