@@ -8,6 +8,9 @@ Weight map (ours keeps HF's submodule names, so it is a prefix change):
     model.norm.weight                  decoder.norm.weight
     lm_head.weight                     decoder.lm_head.weight   (absent when tied)
 
+What a checkpoint of ours holds and when it fits a model (vocabulary digest, LoRA state, the layout written
+here) is models/checkpoints.py's; this module only translates.
+
 PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors/.bin) come in through `import_peft`:
 
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight    decoder.layers.{i}.self_attn.q_proj.lora_A

@@ -8,7 +8,8 @@ import speechgpt_fairseq
 
 speechgpt_fairseq.register()
 from speechgpt_fairseq.data.vocabulary import Vocabulary
-from speechgpt_fairseq.models.llama import ModelConfigError, SpeechGPTLlamaConfig, SpeechGPTLlamaModel
+from speechgpt_fairseq.models.checkpoints import ModelConfigError
+from speechgpt_fairseq.models.llama import SpeechGPTLlamaConfig, SpeechGPTLlamaModel
 
 
 def build(kv_heads=2, tied=False, vocab=None, **kw):
