@@ -218,10 +218,9 @@ def _our_checkpoint_refusal_last() -> None:
             if "doesn't match the size of optimizer's group" in str(e):  # torch's, loading the optimizer's state
                 raise InputError(
                     f"{os.path.abspath(filename)}: its optimizer state is for other trainable parameters than this "
-                    f"model's (a run of "
-                    f"another model config wrote it, e.g. with or without LoRA): resume it with its own config, or "
-                    f"start from its weights in another checkpoint.save_dir with checkpoint.finetune_from_model"
-                ) from None
+                    f"model's (a run of another model config wrote it, e.g. with or without LoRA): resume it with its "
+                    f"own config, or start from its weights in another checkpoint.save_dir with "
+                    f"checkpoint.finetune_from_model") from None
             ours = e if isinstance(e, ModelConfigError) else e.__cause__ or e.__context__
             if not isinstance(ours, ModelConfigError):
                 raise
