@@ -15,6 +15,10 @@ LOSS_SEGMENTS = {
     "prefix": (PROMPT, RESPONSE),  # everything but the system prefix (SpeechGPT's released code)
     "all": (SYSTEM, PROMPT, RESPONSE),
 }
+# loss on the response's spoken answer only: from its last <sosp> to the end (a source whose text part must not be
+# learned as an answer, e.g. sentences said back in the chain's s2s form); a mix entry's third field picks it
+SPEECH = "speech"
+LOSS_POLICIES = (*LOSS_SEGMENTS, SPEECH)
 
 
 class InstructionDataset(SizedDataset):
@@ -22,16 +26,27 @@ class InstructionDataset(SizedDataset):
     `x[:-1]`, target `x[1:]` with non-loss positions set to pad, and its prompt length (bos, system and human
     turn), which generation uses to split prompt from reference."""
 
-    def __init__(self, tokens, segments, loss_policy: str, pad: int, shuffle: bool = True):
+    def __init__(self, tokens, segments, loss_policy: str, pad: int, shuffle: bool = True,
+                 speech_start: int | None = None, name: str = "examples"):
         if len(tokens) != len(segments) or not np.array_equal(tokens.sizes, segments.sizes):
             raise InputError("tokens and segment labels do not match: re-run `speechgpt prepare-sft`")
+        if loss_policy == SPEECH and speech_start is None:
+            raise ValueError("loss policy 'speech' needs the id of <sosp> (speech_start)")
         self.tokens, self.segments, self.pad, self.shuffle = tokens, segments, pad, shuffle
-        self.loss_segments = torch.tensor(LOSS_SEGMENTS[loss_policy])
+        self.speech_start = speech_start if loss_policy == SPEECH else None
+        self.name = name  # for errors: the data directory and split
+        self.loss_segments = torch.tensor(LOSS_SEGMENTS["response" if loss_policy == SPEECH else loss_policy])
         self.sizes = np.asarray(tokens.sizes, dtype=np.int64) - 1
 
     def __getitem__(self, index):
         x, seg = self.tokens[index].long(), self.segments[index].long()
         target = torch.where(torch.isin(seg[1:], self.loss_segments), x[1:], torch.full_like(x[1:], self.pad))
+        if self.speech_start is not None:  # target j predicts x[j + 1]: keep the last <sosp> and what follows
+            starts = ((x == self.speech_start) & (seg == RESPONSE)).nonzero()
+            if not len(starts):
+                raise InputError(f"{self.name}: example {index} has no spoken answer (no <sosp> after "
+                                 f"[SpeechGPT]:), but its source's loss is 'speech'")
+            target[:int(starts[-1]) - 1] = self.pad
         return {"id": index, "source": x[:-1], "target": target, "reference": x,
                 "prompt_length": int((seg != RESPONSE).sum())}
 

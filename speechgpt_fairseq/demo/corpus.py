@@ -7,6 +7,9 @@ world's knowledge as text instructions, and a tokenizer; the units come later, f
     OUT/{split}.wrd                  their transcripts, line-aligned with both manifests
     OUT/say_{split}.jsonl            {"text_i": "say SENTENCE", "text_r": SENTENCE}, line-aligned likewise: text
                                      instructions answered in speech (the assistant's rendition), for stage 3
+    OUT/shapes.tsv, shapes_assistant.tsv   the answer shapes' lines of train.tsv and train_assistant.tsv
+    OUT/echo.jsonl                   {"text_i": SHAPE, "text_r": SHAPE}, line-aligned with them: an answer's shape
+                                     heard (drawn voice), written down and said back (the assistant's), for stage 3
     OUT/qa/test_q0007.wav            a spoken question of a split (a drawn voice and rate)
     OUT/qa/a0012.wav                 a spoken answer (the assistant's voice), one per distinct question
     OUT/qa_{split}.jsonl             {"text_i": question, "text_r": answer, "person", "relation"}, one per spoken
@@ -115,6 +118,10 @@ def make_corpus(out: str | Path, sentences: tuple[int, int, int] = (4000, 200, 1
             (tmp / f"{split}.wrd").write_text("".join(u.text + "\n" for u in drawn[a:b]))
             (tmp / f"say_{split}.jsonl").write_text("".join(
                 json.dumps({"text_i": SAY.format(sentence=u.text), "text_r": u.text}) + "\n" for u in drawn[a:b]))
+        first_shape = sentences[0]  # the shapes follow the sampled training sentences
+        manifest("shapes.tsv", drawn[first_shape:first_shape + len(shapes)])
+        manifest("shapes_assistant.tsv", assistant[first_shape:first_shape + len(shapes)])
+        (tmp / "echo.jsonl").write_text("".join(json.dumps({"text_i": t, "text_r": t}) + "\n" for t in shapes))
         for split in SPLITS:
             manifest(f"qa_{split}_questions.tsv", [u for _, u in spoken[split]])
             manifest(f"qa_{split}_answers.tsv", [answers[q] for q, _ in spoken[split]])

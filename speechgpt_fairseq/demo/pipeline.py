@@ -106,7 +106,7 @@ class DemoPipeline:
         return ["--hubert", self.hubert, "--layer", str(self.layer)] if self.hubert else []
 
     def manifests(self) -> list[str]:
-        return [*SPLITS, *(f"{split}_assistant" for split in SPLITS),
+        return [*SPLITS, *(f"{split}_assistant" for split in SPLITS), "shapes", "shapes_assistant",
                 *(f"qa_{split}_{kind}" for split in SPLITS for kind in ("questions", "answers"))]
 
     def unit_steps(self) -> list[Step]:
@@ -144,15 +144,17 @@ class DemoPipeline:
             "--no-progress",
             *(f"{source}={self.stage2_file(source, 'train')}" for source in STAGE2_SOURCES),
             *(f"{split}={self.stage2_file(task, split)}" for split in ("valid", "test") for task in ("asr", "tts"))]))
-        # stage 3: the training questions in every format, "say SENTENCE" answered in speech, and stage 2's data
-        # again (rehearsed, so that the knowledge, recognition and synthesis it taught are kept); the held-out
-        # questions spoken (s2s) and typed (t2t)
-        com = {"com": ("qa_train", COM_MIX), "say": ("say_train", "t2s=1"), "valid": ("qa_valid", "s2s=1"),
-               "test": ("qa_test", "s2s=1"), "test_typed": ("qa_test", "t2t=1")}
-        for name, (manifest, mix) in com.items():
-            split = manifest.split("_")[1]
-            units = (["--units-r", self.units(f"{split}_assistant")] if manifest.startswith("say") else
-                     ["--units-i", self.units(f"qa_{split}_questions"), "--units-r", self.units(f"qa_{split}_answers")])
+        # stage 3: the training questions in every format, "say SENTENCE" answered in speech, the answers' shapes
+        # heard, written down and said back (echo), and stage 2's data again (rehearsed, so that the knowledge,
+        # recognition and synthesis it taught are kept); the held-out questions spoken (s2s) and typed (t2t)
+        com = {"com": ("qa_train", COM_MIX, "qa_train_questions", "qa_train_answers"),
+               "say": ("say_train", "t2s=1", None, "train_assistant"),
+               "echo": ("echo", "s2s=1", "shapes", "shapes_assistant"),
+               **{name: (f"qa_{split}", mix, f"qa_{split}_questions", f"qa_{split}_answers")
+                  for name, split, mix in (("valid", "valid", "s2s=1"), ("test", "test", "s2s=1"),
+                                           ("test_typed", "test", "t2t=1"))}}
+        for name, (manifest, mix, questions, answers) in com.items():
+            units = [*(("--units-i", self.units(questions)) if questions else ()), "--units-r", self.units(answers)]
             steps.append(Step(f"stage3-{name}", [
                 "speechgpt", "build-com", "--manifest", self.path("corpus", f"{manifest}.jsonl"), *units,
                 "--mix", mix, "--num-units", str(NUM_UNITS), "--seed", str(self.seed),

@@ -15,7 +15,8 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import register_task
 from omegaconf import II
 
-from speechgpt_fairseq.data.instruction_dataset import LOSS_SEGMENTS, InstructionDataset, PackedInstructionDataset
+from speechgpt_fairseq.data.instruction_dataset import (LOSS_POLICIES, LOSS_SEGMENTS, SPEECH, InstructionDataset,
+                                                        PackedInstructionDataset)
 from speechgpt_fairseq.data.instructions import SEGMENTS_SUFFIX
 from speechgpt_fairseq.data.prompts import EOA
 from speechgpt_fairseq.data.vocabulary import Vocabulary
@@ -37,7 +38,9 @@ class InstructionConfig(FairseqDataclass):
                                                         "and positions never cross an example boundary"})
     mix: str = field(default="", metadata={"help": "sources of the training split as NAME:WEIGHT,... (each NAME "
                                                    "binarized in task.data); WEIGHT = copies of that source per epoch "
-                                                   "(fractions subsample); empty: the split itself"})
+                                                   "(fractions subsample); NAME:WEIGHT:LOSS gives a source its own "
+                                                   "loss policy (those of loss_policy, or speech: the response's "
+                                                   "spoken answer only); empty: the split itself"})
     stop_text: str = field(default=EOA, metadata={"help": "generation also ends once the response ends with this "
                                                           "text (SpeechGPT's <eoa>); empty: only at </s>"})
     seed: int = II("common.seed")
@@ -70,29 +73,42 @@ class InstructionTask(SpeechGPTTask):
         logger.info(f"{split}: {len(dataset)} samples, {int(dataset.sizes.sum())} tokens")
         self.datasets[split] = dataset
 
-    def _examples(self, name: str) -> InstructionDataset:
+    def _examples(self, name: str, loss_policy: str | None = None) -> InstructionDataset:
         tokens = load_split(self.cfg.data, name)
         try:
             segments = load_split(self.cfg.data, name + SEGMENTS_SUFFIX)
         except TaskDataError:
             raise TaskDataError(f"{self.cfg.data}/{name}{SEGMENTS_SUFFIX}.bin: missing; {name} was not written by "
                                 f"`speechgpt prepare-sft`") from None
-        return InstructionDataset(tokens, segments, self.cfg.loss_policy, self.dictionary.pad())
+        loss_policy = loss_policy or self.cfg.loss_policy
+        speech_start = None
+        if loss_policy == SPEECH:
+            if "<sosp>" not in self.dictionary.indices:
+                raise InputError(f"task.mix: {name}'s loss is speech, but {self.cfg.data}'s vocabulary has no <sosp>")
+            speech_start = self.dictionary.index("<sosp>")
+        return InstructionDataset(tokens, segments, loss_policy, self.dictionary.pad(), speech_start=speech_start,
+                                  name=f"{self.cfg.data}: {name}")
 
     def _mixture(self, epoch: int):
         parts = []
         for item in self.cfg.mix.split(","):
-            name, _, weight = item.strip().partition(":")
+            name, weight, loss_policy, *rest = [*item.strip().split(":"), "", ""]
             try:
                 weight = float(weight or 1.0)
             except ValueError:
-                raise InputError(f"task.mix: {item!r} is not NAME:WEIGHT") from None
+                raise InputError(f"task.mix: {item!r} is not NAME:WEIGHT or NAME:WEIGHT:LOSS") from None
+            if any(rest):
+                raise InputError(f"task.mix: {item!r} is not NAME:WEIGHT or NAME:WEIGHT:LOSS")
             if weight <= 0:
-                raise InputError(f"task.mix: weight of {name!r} must be positive")
-            ds = self._examples(name)
+                raise InputError(f"task.mix: weight of {name!r} must be positive (to train without {name!r}, leave it "
+                                 f"out of the mix)")
+            if loss_policy and loss_policy not in LOSS_POLICIES:
+                raise InputError(f"task.mix: {item!r}: loss {loss_policy!r} is none of {', '.join(LOSS_POLICIES)}")
+            ds = self._examples(name, loss_policy)
             parts.append(ds if weight == 1.0 else ResamplingDataset(ds, size_ratio=weight, replace=weight > 1,
                                                                     seed=self.cfg.seed, epoch=epoch))
-            logger.info(f"mix: {name} x{weight} -> {round(len(ds) * weight)} examples per epoch")
+            logger.info(f"mix: {name} x{weight} -> {round(len(ds) * weight)} examples per epoch"
+                        + (f", loss on {loss_policy}" if loss_policy else ""))
         return ConcatDataset(parts)  # even for one source: fairseq's ResamplingDataset alone cannot be batched
 
     # ---- generation ---------------------------------------------------------------------------

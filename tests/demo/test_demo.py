@@ -93,6 +93,13 @@ def test_make_corpus_splits_and_manifests(tmp_path, espeak_ng):
     # the same sentences, in a drawn voice and in the assistant's: line-aligned, different audio
     drawn, assistant = ((out / f"test{kind}.tsv").read_text().splitlines()[1:] for kind in ("", "_assistant"))
     assert len(drawn) == len(assistant) == 4 and all(a != b for a, b in zip(drawn, assistant))
+    # the answer shapes said back (stage 3's echo): their lines of the training manifests, their text twice
+    echo = [json.loads(line) for line in (out / "echo.jsonl").read_text().splitlines()]
+    assert [(r["text_i"], r["text_r"]) for r in echo] == [(t, t) for t in shapes]
+    for kind in ("", "_assistant"):
+        train = (out / f"train{kind}.tsv").read_text().splitlines()[1:]
+        assert (out / f"shapes{kind}.tsv").read_text().splitlines()[1:] == [
+            line for line, text in zip(train, texts["train"]) if text in shapes]
     qa = {s: [json.loads(line) for line in (out / f"qa_{s}.jsonl").read_text().splitlines()] for s in SPLITS}
     assert len(qa["train"]) == 2 * stats["questions"]["train"] and len(qa["test"]) == stats["questions"]["test"]
     asked = {s: {(r["person"], r["relation"]) for r in qa[s]} for s in SPLITS}

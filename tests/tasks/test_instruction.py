@@ -123,6 +123,70 @@ def test_mix_and_pack_train(cli, sft_data, tmp_path):
     assert valid_line(log)
 
 
+@pytest.fixture(scope="module")
+def chain_data(sft_data, tmp_path_factory):
+    """Chain-of-modality sources in the shipped vocabulary, questions spoken: `spoken` (s2s: a transcript, a text
+    answer and a spoken answer) and `written` (s2t: the answer in text, the only <sosp> in the question)."""
+    from speechgpt_fairseq.data.instructions import prepare_instructions
+    from speechgpt_fairseq.data.prompts import chain_of_modality
+    from speechgpt_fairseq.data.vocabulary import Vocabulary
+
+    root = tmp_path_factory.mktemp("chain")
+    for name, fmt in (("spoken", "s2s"), ("written", "s2t")):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for i in range(6):
+                units = [(i * 7 + k) % 100 for k in range(3 + i)]
+                f.write(json.dumps({"prefix": "", "plain_text": chain_of_modality(
+                    fmt, f"where is cup {i}", f"cup {i} is red", units, units[::-1])}) + "\n")
+    out = root / "data-bin"
+    prepare_instructions({name: root / f"{name}.jsonl" for name in ("spoken", "written")}, out,
+                         Vocabulary.load(sft_data), show_progress=False)
+    return out
+
+
+def chain_task(data, mix):
+    from omegaconf import OmegaConf
+
+    from speechgpt_fairseq.tasks.instruction import CoMSFTConfig, CoMSFTTask
+
+    task = CoMSFTTask.setup_task(OmegaConf.structured(CoMSFTConfig(data=str(data), mix=mix, seed=3)))
+    task.load_dataset("train")
+    return task
+
+
+def test_a_source_with_speech_loss_learns_only_its_spoken_answers(chain_data):
+    """NAME:WEIGHT:speech: the loss covers the response's spoken answer (its last <sosp> to the end), not the
+    transcript or the text answer; the other sources keep task.loss_policy."""
+    task = chain_task(chain_data, "spoken:1:speech,written:1")
+    vocab, pad = task.vocab, task.dictionary.pad()
+    examples = task.datasets["train"]
+    for i in range(len(examples)):
+        example = examples[i]
+        learned = vocab.decode([int(t) for t in example["target"] if t != pad]).strip()
+        response = vocab.decode(example["reference"][example["prompt_length"]:].tolist()).strip()
+        if i < 6:  # spoken: from the answer's <sosp>, which follows the text answer
+            assert response.startswith(f"where is cup {i}; [ta] cup {i} is red; [ua]")
+            assert learned.startswith("<sosp>") and learned.endswith("<eoa>.")
+            assert response.endswith(learned) and "cup" not in learned
+        else:  # written: the whole response, as loss_policy=response
+            assert learned == response == f"where is cup {i - 6}; [ta] cup {i - 6} is red<eoa>."
+    whole = chain_task(chain_data, "spoken:1:response").datasets["train"][0]
+    assert "cup 0 is red" in vocab.decode([int(t) for t in whole["target"] if t != pad])
+
+
+@pytest.mark.parametrize("mix, message", [
+    ("written:1:speech", r"chain\d*/data-bin: written: example 0 has no spoken answer"),
+    ("spoken:1:voice", r"'spoken:1:voice': loss 'voice' is none of response, prefix, all, speech"),
+    ("spoken:1:speech:x", r"'spoken:1:speech:x' is not NAME:WEIGHT or NAME:WEIGHT:LOSS"),
+    ("spoken:0", r"weight of 'spoken' must be positive \(to train without 'spoken', leave it out of the mix\)"),
+])
+def test_bad_mix_entries_are_named(chain_data, mix, message):
+    from speechgpt_fairseq.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        chain_task(chain_data, mix).datasets["train"][0]
+
+
 def generate(cli, data, ckpt, cwd, batch_size):
     return cli("fairseq-generate", data, "--user-dir", REPO / "user_dir", "--task", "cross_modal_sft",
                "--path", ckpt, "--gen-subset", "test", "--beam", "1", "--max-len-a", "1", "--max-len-b", "60",
