@@ -92,13 +92,14 @@ class InstructionTask(SpeechGPTTask):
     def _mixture(self, epoch: int):
         parts = []
         for item in self.cfg.mix.split(","):
-            name, weight, loss_policy, *rest = [*item.strip().split(":"), "", ""]
+            fields = item.strip().split(":")
+            if len(fields) > 3:
+                raise InputError(f"task.mix: {item!r} is not NAME:WEIGHT or NAME:WEIGHT:LOSS")
+            name, weight, loss_policy = fields + [""] * (3 - len(fields))
             try:
                 weight = float(weight or 1.0)
             except ValueError:
                 raise InputError(f"task.mix: {item!r} is not NAME:WEIGHT or NAME:WEIGHT:LOSS") from None
-            if any(rest):
-                raise InputError(f"task.mix: {item!r} is not NAME:WEIGHT or NAME:WEIGHT:LOSS")
             if weight <= 0:
                 raise InputError(f"task.mix: weight of {name!r} must be positive (to train without {name!r}, leave it "
                                  f"out of the mix)")
