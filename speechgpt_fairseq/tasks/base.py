@@ -3,7 +3,9 @@ generator fairseq-generate runs (models/generation.py: prompts prefilled, per-pr
 import logging
 from pathlib import Path
 
+import torch
 from fairseq.data import MMapIndexedDataset
+from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask
 
 from speechgpt_fairseq.data.vocabulary import VOCAB_FILE, Vocabulary, VocabularyError, read_vocab_json, records_hold_bos
@@ -48,6 +50,23 @@ class SpeechGPTTask(FairseqTask):
 
     def load_state_dict(self, state_dict):
         pass  # the data directory's vocabulary rules; a checkpoint of another one is refused by the model
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """fairseq's training step; with `common.amp=true` on the CPU, the forward pass runs under bf16 autocast.
+
+        fairseq's amp is CUDA's fp16 autocast with a loss scaler: on the CPU its autocast does nothing and its
+        scaler turns itself off. Here the matmuls run in bf16 while the weights, their gradients and the optimizer
+        state stay fp32 (bf16 keeps fp32's exponent range, so no loss scaling is needed)."""
+        if not (isinstance(optimizer, AMPOptimizer) and next(model.parameters()).device.type == "cpu"):
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        model.train()
+        model.set_num_updates(update_num)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, sample_size, logging_output = criterion(model, sample)
+        if ignore_grad:
+            loss *= 0
+        optimizer.backward(loss)
+        return loss, sample_size, logging_output
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
         """Our generator (models/generation.py) for one model; fairseq-generate's language-model fusion

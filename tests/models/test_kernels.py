@@ -215,6 +215,27 @@ def test_one_query_fp32_steps_on_the_cpu_match_sdpa(log):
                      "kernels: attention (torch.bfloat16, cached step) on cpu (torch's kernel for this device)"]
 
 
+def test_short_bf16_attention_with_gradients_on_the_cpu_runs_in_fp32(log):
+    """Training under bf16 autocast on the CPU: attention over fewer than 256 positions runs in fp32 (torch's CPU
+    kernel is slower there in bf16, its backward pass most), its output and gradients back in bf16; without
+    gradients, and over 256 positions or more, bf16 keeps SDPA."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, 30, 16).bfloat16().requires_grad_() for h in (4, 2, 2))
+    out = kernels.attention(q, k, v, None, is_causal=True, enable_gqa=True)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.bfloat16())
+    out.float().square().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(kernels.attention(q, k, v, None, is_causal=True, enable_gqa=True),
+                           F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    long_q, long_k, long_v = (torch.randn(1, h, 256, 16).bfloat16().requires_grad_() for h in (4, 2, 2))
+    assert torch.equal(kernels.attention(long_q, long_k, long_v, None, is_causal=True, enable_gqa=True),
+                       F.scaled_dot_product_attention(long_q, long_k, long_v, is_causal=True, enable_gqa=True))
+    assert log() == ["kernels: attention (torch.float32, causal) on cpu (torch's kernel for this device)",
+                     "kernels: attention (torch.bfloat16, causal) on cpu (torch's kernel for this device)"]
+
+
 def test_linear_layers_compute_f_linear_for_any_rows_and_keep_its_gradients(log):
     """Every projection and the output layer run `kernels.linear`: without gradients in fp32 on the CPU it is
     computed as weight @ x^T (faster there), which gives F.linear's values within fp32 rounding for one row, several,
