@@ -15,10 +15,15 @@ LOSS_SEGMENTS = {
     "prefix": (PROMPT, RESPONSE),  # everything but the system prefix (SpeechGPT's released code)
     "all": (SYSTEM, PROMPT, RESPONSE),
 }
-# loss on the response's spoken answer only: from its last <sosp> to the end (a source whose text part must not be
-# learned as an answer, e.g. sentences said back in the chain's s2s form); a mix entry's third field picks it
-SPEECH = "speech"
-LOSS_POLICIES = (*LOSS_SEGMENTS, SPEECH)
+# policies that start the loss at a marker in the response, a mix entry's third field picks them:
+# speech: the spoken answer only, from the response's last <sosp> to the end (a source whose text part must not be
+#   learned as an answer, e.g. sentences said back in the chain's s2s form);
+# answer: the text answer and what follows, from the response's last [ta] (a source whose transcript must not be
+#   learned, e.g. a question's transcript given with another question's speech)
+SPEECH, ANSWER = "speech", "answer"
+LOSS_MARKERS = {SPEECH: "<sosp>", ANSWER: " [ta]"}
+_MARKED = {SPEECH: "spoken answer", ANSWER: "text answer"}
+LOSS_POLICIES = (*LOSS_SEGMENTS, *LOSS_MARKERS)
 
 
 class InstructionDataset(SizedDataset):
@@ -27,25 +32,27 @@ class InstructionDataset(SizedDataset):
     turn), which generation uses to split prompt from reference."""
 
     def __init__(self, tokens, segments, loss_policy: str, pad: int, shuffle: bool = True,
-                 speech_start: int | None = None, name: str = "examples"):
+                 loss_start: list[int] | None = None, name: str = "examples"):
         if len(tokens) != len(segments) or not np.array_equal(tokens.sizes, segments.sizes):
             raise InputError("tokens and segment labels do not match: re-run `speechgpt prepare-sft`")
-        if loss_policy == SPEECH and speech_start is None:
-            raise ValueError("loss policy 'speech' needs the id of <sosp> (speech_start)")
+        if loss_policy in LOSS_MARKERS and not loss_start:
+            raise ValueError(f"loss policy {loss_policy!r} needs the ids of {LOSS_MARKERS[loss_policy]!r} (loss_start)")
         self.tokens, self.segments, self.pad, self.shuffle = tokens, segments, pad, shuffle
-        self.speech_start = speech_start if loss_policy == SPEECH else None
+        self.loss_policy = loss_policy
+        self.loss_start = torch.tensor(loss_start) if loss_policy in LOSS_MARKERS else None
         self.name = name  # for errors: the data directory and split
-        self.loss_segments = torch.tensor(LOSS_SEGMENTS["response" if loss_policy == SPEECH else loss_policy])
+        self.loss_segments = torch.tensor(LOSS_SEGMENTS["response" if loss_policy in LOSS_MARKERS else loss_policy])
         self.sizes = np.asarray(tokens.sizes, dtype=np.int64) - 1
 
     def __getitem__(self, index):
         x, seg = self.tokens[index].long(), self.segments[index].long()
         target = torch.where(torch.isin(seg[1:], self.loss_segments), x[1:], torch.full_like(x[1:], self.pad))
-        if self.speech_start is not None:  # target j predicts x[j + 1]: keep the last <sosp> and what follows
-            starts = ((x == self.speech_start) & (seg == RESPONSE)).nonzero()
+        if self.loss_start is not None:  # target j predicts x[j + 1]: keep the last marker and what follows
+            starts = marker_starts(x, seg == RESPONSE, self.loss_start)
             if not len(starts):
-                raise InputError(f"{self.name}: example {index} has no spoken answer (no <sosp> after "
-                                 f"[SpeechGPT]:), but its source's loss is 'speech'")
+                raise InputError(f"{self.name}: example {index} has no {_MARKED[self.loss_policy]} (no "
+                                 f"{LOSS_MARKERS[self.loss_policy].strip()} after [SpeechGPT]:), but its source's "
+                                 f"loss is {self.loss_policy!r}")
             target[:int(starts[-1]) - 1] = self.pad
         return {"id": index, "source": x[:-1], "target": target, "reference": x,
                 "prompt_length": int((seg != RESPONSE).sum())}
@@ -60,6 +67,15 @@ class InstructionDataset(SizedDataset):
 
     def collater(self, samples):
         return collate_instructions(samples, self.pad)
+
+
+def marker_starts(x: torch.Tensor, where: torch.Tensor, marker: torch.Tensor) -> torch.Tensor:
+    """The positions at which the token sequence `marker` starts in `x`, wholly inside `where`."""
+    n = len(marker)
+    if len(x) < n:
+        return torch.zeros(0, dtype=torch.long)
+    windows, inside = x.unfold(0, n, 1), where.unfold(0, n, 1)
+    return ((windows == marker).all(1) & inside.all(1)).nonzero().flatten()
 
 
 def collate_instructions(samples: list[dict], pad: int) -> dict:

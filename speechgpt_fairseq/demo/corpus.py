@@ -16,6 +16,8 @@ world's knowledge as text instructions, and a tokenizer; the units come later, f
                                      question: every question of the split, spoken several times
     OUT/qa_{split}_questions.tsv     manifests of the spoken questions and answers, line-aligned with the .jsonl
     OUT/qa_{split}_answers.tsv       (speech2unit's output on them fills build-com's --units-i/-r)
+    OUT/qa_train_swapped.tsv         line-aligned with qa_train.jsonl: another training question's speech, of the same
+                                     relation and another person (a transcript given with speech that does not say it)
     OUT/knowledge.jsonl              {"instruction", "output"}: the text instructions that teach the world
     OUT/tokenizer.model              a LLaMA-style sentencepiece model of all the text and prompt markup
 
@@ -122,6 +124,7 @@ def make_corpus(out: str | Path, sentences: tuple[int, int, int] = (4000, 200, 1
         manifest("shapes.tsv", drawn[first_shape:first_shape + len(shapes)])
         manifest("shapes_assistant.tsv", assistant[first_shape:first_shape + len(shapes)])
         (tmp / "echo.jsonl").write_text("".join(json.dumps({"text_i": t, "text_r": t}) + "\n" for t in shapes))
+        manifest("qa_train_swapped.tsv", swapped_speech(spoken["train"], random.Random(f"swap-{seed}")))
         for split in SPLITS:
             manifest(f"qa_{split}_questions.tsv", [u for _, u in spoken[split]])
             manifest(f"qa_{split}_answers.tsv", [answers[q] for q, _ in spoken[split]])
@@ -137,6 +140,14 @@ def make_corpus(out: str | Path, sentences: tuple[int, int, int] = (4000, 200, 1
             "spoken questions": {split: len(spoken[split]) for split in SPLITS},
             "knowledge": len(knowledge),
             "seconds": sum(samples) / sf.info(out / drawn[0].path).samplerate}
+
+
+def swapped_speech(spoken: list[tuple], rng: random.Random) -> list[Utterance]:
+    """For each (question, utterance), the utterance of a drawn other question of the same relation about another
+    person."""
+    def others(q):
+        return [u for other, u in spoken if other.relation == q.relation and other.person != q.person]
+    return [rng.choice(others(q)) for q, _ in spoken]
 
 
 def _bounds(counts: tuple[int, int, int]) -> list[tuple[int, int]]:

@@ -107,7 +107,7 @@ class DemoPipeline:
 
     def manifests(self) -> list[str]:
         return [*SPLITS, *(f"{split}_assistant" for split in SPLITS), "shapes", "shapes_assistant",
-                *(f"qa_{split}_{kind}" for split in SPLITS for kind in ("questions", "answers"))]
+                *(f"qa_{split}_{kind}" for split in SPLITS for kind in ("questions", "answers")), "qa_train_swapped"]
 
     def unit_steps(self) -> list[Step]:
         kmeans = self.path("units", "kmeans.bin")
@@ -145,11 +145,13 @@ class DemoPipeline:
             *(f"{source}={self.stage2_file(source, 'train')}" for source in STAGE2_SOURCES),
             *(f"{split}={self.stage2_file(task, split)}" for split in ("valid", "test") for task in ("asr", "tts"))]))
         # stage 3: the training questions in every format, "say SENTENCE" answered in speech, the answers' shapes
-        # heard, written down and said back (echo), and stage 2's data again (rehearsed, so that the knowledge,
-        # recognition and synthesis it taught are kept); the held-out questions spoken (s2s) and typed (t2t)
+        # heard, written down and said back (echo), the training questions' transcripts and answers after another
+        # question's speech (swap), and stage 2's data again (rehearsed, so that the knowledge, recognition and
+        # synthesis it taught are kept); the held-out questions spoken (s2s) and typed (t2t)
         com = {"com": ("qa_train", COM_MIX, "qa_train_questions", "qa_train_answers"),
                "say": ("say_train", "t2s=1", None, "train_assistant"),
                "echo": ("echo", "s2s=1", "shapes", "shapes_assistant"),
+               "swap": ("qa_train", "s2s=1", "qa_train_swapped", "qa_train_answers"),
                **{name: (f"qa_{split}", mix, f"qa_{split}_questions", f"qa_{split}_answers")
                   for name, split, mix in (("valid", "valid", "s2s=1"), ("test", "test", "s2s=1"),
                                            ("test_typed", "test", "t2t=1"))}}

@@ -15,8 +15,8 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import register_task
 from omegaconf import II
 
-from speechgpt_fairseq.data.instruction_dataset import (LOSS_POLICIES, LOSS_SEGMENTS, SPEECH, InstructionDataset,
-                                                        PackedInstructionDataset)
+from speechgpt_fairseq.data.instruction_dataset import (LOSS_MARKERS, LOSS_POLICIES, LOSS_SEGMENTS, SPEECH,
+                                                        InstructionDataset, PackedInstructionDataset)
 from speechgpt_fairseq.data.instructions import SEGMENTS_SUFFIX
 from speechgpt_fairseq.data.prompts import EOA
 from speechgpt_fairseq.data.vocabulary import Vocabulary
@@ -39,8 +39,9 @@ class InstructionConfig(FairseqDataclass):
     mix: str = field(default="", metadata={"help": "sources of the training split as NAME:WEIGHT,... (each NAME "
                                                    "binarized in task.data); WEIGHT = copies of that source per epoch "
                                                    "(fractions subsample); NAME:WEIGHT:LOSS gives a source its own "
-                                                   "loss policy (those of loss_policy, or speech: the response's "
-                                                   "spoken answer only); empty: the split itself"})
+                                                   "loss policy (those of loss_policy; speech: the response's "
+                                                   "spoken answer only; answer: from its text answer's [ta] on); "
+                                                   "empty: the split itself"})
     stop_text: str = field(default=EOA, metadata={"help": "generation also ends once the response ends with this "
                                                           "text (SpeechGPT's <eoa>); empty: only at </s>"})
     seed: int = II("common.seed")
@@ -81,12 +82,14 @@ class InstructionTask(SpeechGPTTask):
             raise TaskDataError(f"{self.cfg.data}/{name}{SEGMENTS_SUFFIX}.bin: missing; {name} was not written by "
                                 f"`speechgpt prepare-sft`") from None
         loss_policy = loss_policy or self.cfg.loss_policy
-        speech_start = None
+        loss_start = None
         if loss_policy == SPEECH:
             if "<sosp>" not in self.dictionary.indices:
                 raise InputError(f"task.mix: {name}'s loss is speech, but {self.cfg.data}'s vocabulary has no <sosp>")
-            speech_start = self.dictionary.index("<sosp>")
-        return InstructionDataset(tokens, segments, loss_policy, self.dictionary.pad(), speech_start=speech_start,
+            loss_start = [self.dictionary.index("<sosp>")]
+        elif loss_policy in LOSS_MARKERS:  # text inside a response: its ids as the tokenizer gives them there
+            loss_start = self.vocab.encode(LOSS_MARKERS[loss_policy], continuation=True)
+        return InstructionDataset(tokens, segments, loss_policy, self.dictionary.pad(), loss_start=loss_start,
                                   name=f"{self.cfg.data}: {name}")
 
     def _mixture(self, epoch: int):

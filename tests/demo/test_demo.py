@@ -105,6 +105,13 @@ def test_make_corpus_splits_and_manifests(tmp_path, espeak_ng):
     asked = {s: {(r["person"], r["relation"]) for r in qa[s]} for s in SPLITS}
     assert asked["train"].isdisjoint(asked["test"] | asked["valid"])
     assert len(qa["test"]) == len((out / "qa_test_questions.tsv").read_text().splitlines()) - 1
+    # each training question beside another one's speech: same relation, another person
+    spoken = (out / "qa_train_questions.tsv").read_text().splitlines()[1:]
+    swapped = (out / "qa_train_swapped.tsv").read_text().splitlines()[1:]
+    assert len(swapped) == len(qa["train"]) and set(swapped) <= set(spoken)
+    for record, line in zip(qa["train"], swapped):
+        other = qa["train"][spoken.index(line)]
+        assert other["relation"] == record["relation"] and other["person"] != record["person"]
     knowledge = [json.loads(line) for line in (out / "knowledge.jsonl").read_text().splitlines()]
     assert len(knowledge) == stats["knowledge"] and {"instruction", "output"} == set(knowledge[0])
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))

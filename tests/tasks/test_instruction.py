@@ -174,9 +174,26 @@ def test_a_source_with_speech_loss_learns_only_its_spoken_answers(chain_data):
     assert "cup 0 is red" in vocab.decode([int(t) for t in whole["target"] if t != pad])
 
 
+def test_a_source_with_answer_loss_learns_from_its_text_answer(chain_data):
+    """NAME:WEIGHT:answer: the loss starts at the response's [ta] (the text answer and a spoken answer after it),
+    not at the transcript before it."""
+    task = chain_task(chain_data, "spoken:1:answer,written:1:answer")
+    vocab, pad = task.vocab, task.dictionary.pad()
+    examples = task.datasets["train"]
+    for i in range(len(examples)):
+        example, cup = examples[i], i % 6
+        learned = vocab.decode([int(t) for t in example["target"] if t != pad]).strip()
+        response = vocab.decode(example["reference"][example["prompt_length"]:].tolist()).strip()
+        assert response.startswith(f"where is cup {cup}; ") and response.endswith(learned)
+        if i < 6:  # spoken
+            assert learned.startswith(f"[ta] cup {cup} is red; [ua] <sosp>") and learned.endswith("<eosp><eoa>.")
+        else:  # written
+            assert learned == f"[ta] cup {cup} is red<eoa>."
+
+
 @pytest.mark.parametrize("mix, message", [
     ("written:1:speech", r"chain\d*/data-bin: written: example 0 has no spoken answer"),
-    ("spoken:1:voice", r"'spoken:1:voice': loss 'voice' is none of response, prefix, all, speech"),
+    ("spoken:1:voice", r"'spoken:1:voice': loss 'voice' is none of response, prefix, all, speech, answer"),
     ("spoken:1:speech:x", r"'spoken:1:speech:x' is not NAME:WEIGHT or NAME:WEIGHT:LOSS"),
     ("spoken:0", r"weight of 'spoken' must be positive \(to train without 'spoken', leave it out of the mix\)"),
 ])
