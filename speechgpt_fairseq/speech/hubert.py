@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from speechgpt_fairseq.errors import InputError
@@ -27,6 +28,30 @@ from speechgpt_fairseq.speech.audio import SAMPLE_RATE
 logger = logging.getLogger(__name__)
 
 MAX_CHUNK = 1_600_000  # fairseq HubertFeatureReader's default: 100 s at 16 kHz
+
+
+class GroupNormInInputDtype(nn.GroupNorm):
+    """GroupNorm computed in its input's dtype (torch keeps the statistics in fp32), where fairseq's Fp32GroupNorm
+    casts to fp32 and back. Under bf16 the first conv layer's norm (HuBERT-base: one group per channel over 512
+    channels at 3.2 kHz, the model's largest tensor) with its GELU takes 20 ms per 10 s of audio instead of 64 ms on
+    this repository's 2-core CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = (None if t is None else t.to(x.dtype) for t in (self.weight, self.bias))
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+def norms_in_input_dtype(module: nn.Module) -> None:
+    """Replace fairseq's Fp32GroupNorm in `module` by GroupNormInInputDtype with the same parameters."""
+    from fairseq.modules import Fp32GroupNorm
+
+    for name, child in module.named_children():
+        if isinstance(child, Fp32GroupNorm):
+            norm = GroupNormInInputDtype(child.num_groups, child.num_channels, child.eps, child.affine)
+            norm.load_state_dict(child.state_dict())
+            setattr(module, name, norm)
+        else:
+            norms_in_input_dtype(child)
 
 
 class HubertFeatureReader:
@@ -57,6 +82,8 @@ class HubertFeatureReader:
             raise InputError(f"max_chunk {max_chunk} is shorter than HuBERT's 400-sample receptive field")
         if task.cfg.sample_rate != SAMPLE_RATE:
             raise InputError(f"{checkpoint}: expects {task.cfg.sample_rate} Hz audio; only {SAMPLE_RATE} Hz is supported")
+        if bf16:
+            norms_in_input_dtype(model.feature_extractor)
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.layer, self.max_chunk, self.bf16 = layer, max_chunk, bf16

@@ -114,6 +114,29 @@ def test_bf16_is_close_to_float32(tiny_hubert, waveforms):
         assert (a - b).norm() / a.norm() < 0.05
 
 
+def test_bf16_normalizes_the_first_conv_layer_in_bf16(tiny_hubert, tmp_path):
+    """Under bf16 fairseq's Fp32GroupNorm (fp32 there and back) becomes a GroupNorm in the input's dtype: the
+    checkpoint's parameters, the same values in fp32, bf16 out of bf16 within its rounding."""
+    from fairseq.modules import Fp32GroupNorm
+
+    from speechgpt_fairseq.speech.hubert import GroupNormInInputDtype
+
+    state = torch.load(tiny_hubert, weights_only=False)
+    for name in ("weight", "bias"):  # a trained norm's parameters, not a new one's ones and zeros
+        param = state["model"][f"feature_extractor.conv_layers.0.2.{name}"]
+        param.copy_(torch.linspace(0.5, 1.5, len(param)) - float(name == "bias"))
+    torch.save(state, tmp_path / "hubert.pt")
+    fairseq_norm = HubertFeatureReader(tmp_path / "hubert.pt", layer=1).model.feature_extractor.conv_layers[0][2]
+    norm = HubertFeatureReader(tmp_path / "hubert.pt", layer=1, bf16=True).model.feature_extractor.conv_layers[0][2]
+    assert isinstance(fairseq_norm, Fp32GroupNorm) and type(norm) is GroupNormInInputDtype
+    with torch.no_grad():
+        x = torch.randn(2, norm.num_channels, 300) * 3 + 1
+        assert torch.equal(norm(x), fairseq_norm(x))
+        out = norm(x.bfloat16())
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), fairseq_norm(x.bfloat16()).float(), atol=0.05, rtol=0.02)
+
+
 def test_errors(tiny_hubert, tmp_path):
     with pytest.raises(ValueError, match=r"tiny_hubert\.pt: layer 3 does not exist: the model has layers 1\.\.2"):
         HubertFeatureReader(tiny_hubert, layer=3)
