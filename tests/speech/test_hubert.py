@@ -137,6 +137,26 @@ def test_bf16_normalizes_the_first_conv_layer_in_bf16(tiny_hubert, tmp_path):
         torch.testing.assert_close(out.float(), fairseq_norm(x.bfloat16()).float(), atol=0.05, rtol=0.02)
 
 
+def test_the_model_is_fairseqs_and_torch_draws_again_after_loading(tiny_hubert, tmp_path):
+    """The reader's model is built without drawing initial weights (the checkpoint gives them all): its weights are
+    those of fairseq's own loader, and torch.nn.init draws again afterwards, also after a load that failed."""
+    from fairseq import checkpoint_utils
+    from torch import nn
+
+    from speechgpt_fairseq.errors import InputError
+
+    draws = {name: getattr(nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_")}
+    ours = HubertFeatureReader(tiny_hubert, layer=2).model.state_dict()  # (registers the checkpoint's classes)
+    (fairseq_model,), _, _ = checkpoint_utils.load_model_ensemble_and_task([str(tiny_hubert)])
+    theirs = fairseq_model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a loadable"):
+        HubertFeatureReader(tmp_path / "bad.pt")
+    assert {name: getattr(nn.init, name) for name in draws} == draws
+    assert nn.init.normal_(torch.zeros(100)).std() > 0.5
+
+
 def test_errors(tiny_hubert, tmp_path):
     with pytest.raises(ValueError, match=r"tiny_hubert\.pt: layer 3 does not exist: the model has layers 1\.\.2"):
         HubertFeatureReader(tiny_hubert, layer=3)
