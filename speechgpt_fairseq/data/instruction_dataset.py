@@ -21,8 +21,7 @@ LOSS_SEGMENTS = {
 # answer: the text answer and what follows, from the response's last [ta] (a source whose transcript must not be
 #   learned, e.g. a question's transcript given with another question's speech)
 SPEECH, ANSWER = "speech", "answer"
-LOSS_MARKERS = {SPEECH: "<sosp>", ANSWER: " [ta]"}
-_MARKED = {SPEECH: "spoken answer", ANSWER: "text answer"}
+LOSS_MARKERS = {SPEECH: ("<sosp>", "spoken answer"), ANSWER: (" [ta]", "text answer")}  # (marker, what it starts)
 LOSS_POLICIES = (*LOSS_SEGMENTS, *LOSS_MARKERS)
 
 
@@ -36,7 +35,8 @@ class InstructionDataset(SizedDataset):
         if len(tokens) != len(segments) or not np.array_equal(tokens.sizes, segments.sizes):
             raise InputError("tokens and segment labels do not match: re-run `speechgpt prepare-sft`")
         if loss_policy in LOSS_MARKERS and not loss_start:
-            raise ValueError(f"loss policy {loss_policy!r} needs the ids of {LOSS_MARKERS[loss_policy]!r} (loss_start)")
+            raise ValueError(f"loss policy {loss_policy!r} needs the ids of {LOSS_MARKERS[loss_policy][0]!r} "
+                             f"(loss_start)")
         self.tokens, self.segments, self.pad, self.shuffle = tokens, segments, pad, shuffle
         self.loss_policy = loss_policy
         self.loss_start = torch.tensor(loss_start) if loss_policy in LOSS_MARKERS else None
@@ -50,9 +50,9 @@ class InstructionDataset(SizedDataset):
         if self.loss_start is not None:  # target j predicts x[j + 1]: keep the last marker and what follows
             starts = marker_starts(x, seg == RESPONSE, self.loss_start)
             if not len(starts):
-                raise InputError(f"{self.name}: example {index} has no {_MARKED[self.loss_policy]} (no "
-                                 f"{LOSS_MARKERS[self.loss_policy].strip()} after [SpeechGPT]:), but its source's "
-                                 f"loss is {self.loss_policy!r}")
+                marker, what = LOSS_MARKERS[self.loss_policy]
+                raise InputError(f"{self.name}: example {index} has no {what} (no {marker.strip()} after "
+                                 f"[SpeechGPT]:), but its source's loss is {self.loss_policy!r}")
             target[:int(starts[-1]) - 1] = self.pad
         return {"id": index, "source": x[:-1], "target": target, "reference": x,
                 "prompt_length": int((seg != RESPONSE).sum())}

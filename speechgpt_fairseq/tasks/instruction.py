@@ -88,7 +88,7 @@ class InstructionTask(SpeechGPTTask):
                 raise InputError(f"task.mix: {name}'s loss is speech, but {self.cfg.data}'s vocabulary has no <sosp>")
             loss_start = [self.dictionary.index("<sosp>")]
         elif loss_policy in LOSS_MARKERS:  # text inside a response: its ids as the tokenizer gives them there
-            loss_start = self.vocab.encode(LOSS_MARKERS[loss_policy], continuation=True)
+            loss_start = self.vocab.encode(LOSS_MARKERS[loss_policy][0], continuation=True)
         return InstructionDataset(tokens, segments, loss_policy, self.dictionary.pad(), loss_start=loss_start,
                                   name=f"{self.cfg.data}: {name}")
 
