@@ -75,9 +75,9 @@ class UnitVocoder:
         """Load a checkpoint + config.json in the format of fairseq's released unit vocoders."""
         from fairseq.models.text_to_speech.vocoder import CodeHiFiGANVocoder
 
-        import speechgpt_fairseq
+        from speechgpt_fairseq import fairseq_fixes
 
-        speechgpt_fairseq.register()  # the fairseq fixes (checkpoint loading under weights_only)
+        fairseq_fixes.apply()  # checkpoint loading under weights_only (the whole plugin is not needed: hubert.py)
         checkpoint = Path(checkpoint)
         cfg = read_vocoder_config(config)
         if not checkpoint.is_file():
