@@ -183,21 +183,28 @@ class Attention(nn.Module):
         self.o_proj = kernels.Linear(self.n_heads * self.head_dim, dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, causal: bool = True,
-                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0, qkv_weight: Tensor | None = None) -> Tensor:
         """`mask` (B, 1, T, S) says which keys each query sees, else `causal` or all; with `kv` (this layer's cache
-        buffers, (B, Hkv, N, D)) the new keys and values are written at [start, start + T) and all up to there seen."""
+        buffers, (B, Hkv, N, D)) the new keys and values are written at [start, start + T) and all up to there seen.
+        `qkv_weight`: the q/k/v weights fused (`fused_weight`; generation), for one matmul instead of three."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # fp32 tables; bf16 under autocast
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        if qkv_weight is None:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # fp32 tables; bf16 under autocast
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        else:
+            qkv = kernels.linear(x, qkv_weight).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
+            qk = apply_rotary(qkv[:, :H + Hkv], cos.to(qkv.dtype), sin.to(qkv.dtype))  # queries and keys at once
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
         if kv is not None:
             kv[0][:, :, start:start + T] = k
             kv[1][:, :, start:start + T] = v
             k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]  # (B, Hkv, S, D), S = start + T
-        y = kernels.attention(q, k, v, mask, causal, enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        y = kernels.attention(q, k, v, mask, causal, enable_gqa=Hkv != H)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -208,8 +215,48 @@ class MLP(nn.Module):
         self.up_proj = kernels.Linear(dim, hidden)
         self.down_proj = kernels.Linear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, gate_up_weight: Tensor | None = None) -> Tensor:
+        """`gate_up_weight`: the gate and up weights fused (`fused_weight`; generation), for one matmul."""
+        if gate_up_weight is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = kernels.linear(x, gate_up_weight).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def fused_weight(linears: list[nn.Module]) -> Tensor | None:
+    """The weights of `linears` fused: the row blocks of one (sum of outputs, inputs) tensor, so that one matmul
+    computes all their outputs. A generation step then reads q/k/v and gate/up in two matmuls instead of five; at
+    batch 1 the step is bound by reading the weights (benchmarks/generate.py bf16 batch 1, 128 new tokens: ours/HF
+    1.15 -> 1.27). The first call moves the weights into one buffer, a slice each (the same values and Parameter
+    objects; their gradients and optimizer state are untouched); later calls find them there, until something
+    gives a weight storage of its own again (`.to(dtype)`, `load_state_dict(assign=True)`). The fused tensor is no
+    parameter: use it without gradients. None where the weights cannot share a buffer: LoRA-wrapped layers (their
+    adapters add to the product), sharded (DTensor) or meta weights, mixed dtypes or devices."""
+    if any(type(m) is not kernels.Linear for m in linears):
+        return None
+    weights = [m.weight for m in linears]
+    first = weights[0]
+    if any(isinstance(w, DTensor) or w.is_meta or w.dtype != first.dtype or w.device != first.device
+           or w.size(1) != first.size(1) for w in weights):
+        return None
+    if not _row_blocks_of_one_buffer(weights):
+        fused = torch.cat([w.detach() for w in weights])
+        row = 0
+        for w in weights:
+            w.data = fused[row:row + w.size(0)]
+            row += w.size(0)
+    return first.detach().as_strided((sum(w.size(0) for w in weights), first.size(1)), (first.size(1), 1))
+
+
+def _row_blocks_of_one_buffer(weights: list[Tensor]) -> bool:
+    """Whether the (contiguous) weights follow each other in one storage, in order."""
+    storage, at = weights[0].untyped_storage().data_ptr(), weights[0].data_ptr()
+    for w in weights:
+        if not w.is_contiguous() or w.untyped_storage().data_ptr() != storage or w.data_ptr() != at:
+            return False
+        at += w.numel() * w.element_size()
+    return True
 
 
 class Block(nn.Module):
@@ -221,9 +268,16 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, causal: bool = True,
-                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, kv, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+                fused: tuple[Tensor | None, Tensor | None] = (None, None)) -> Tensor:
+        """`fused`: the (q/k/v, gate/up) weights fused (`fused_weights`), or None each."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, kv, start, fused[0])
+        return x + self.mlp(self.post_attention_layernorm(x), fused[1])
+
+    def fused_weights(self) -> tuple[Tensor | None, Tensor | None]:
+        """(q/k/v, gate/up) weights, each fused into one tensor where they can be (`fused_weight`), or None."""
+        attn, mlp = self.self_attn, self.mlp
+        return fused_weight([attn.q_proj, attn.k_proj, attn.v_proj]), fused_weight([mlp.gate_proj, mlp.up_proj])
 
 
 def positions_within_examples(example_ids: Tensor) -> Tensor:
@@ -302,10 +356,14 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
 
     # ---- generation: prefill, then step ------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> "KVCache":
-        """An empty cache for `batch` rows of up to `capacity` tokens each, in the model's dtype and device."""
+        """An empty cache for `batch` rows of up to `capacity` tokens each, in the model's dtype and device. It holds
+        each layer's fused weights (`Block.fused_weights`) for the steps that run without gradients."""
         w = self.embed_tokens.weight
-        return KVCache(len(self.layers), batch, self.cfg.decoder_kv_heads or self.cfg.decoder_attention_heads,
-                       self.head_dim, capacity, w.dtype, w.device)
+        cache = KVCache(len(self.layers), batch, self.cfg.decoder_kv_heads or self.cfg.decoder_attention_heads,
+                        self.head_dim, capacity, w.dtype, w.device)
+        with torch.no_grad():
+            cache.fused_weights = [layer.fused_weights() for layer in self.layers]
+        return cache
 
     def prefill(self, prompts: list[Tensor], cache: "KVCache") -> Tensor:
         """Run prompts of different lengths into an empty cache, one row each; the logits (B, V) that follow each
@@ -324,7 +382,8 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
 
     def step(self, tokens: Tensor, cache: "KVCache", every_position: bool = False) -> Tensor:
         """Append `tokens` (B, T) to the cache's rows; the logits (B, V) after the last of them, or (B, T, V) after
-        each with `every_position`. Equal to a full forward pass over each row's tokens so far."""
+        each with `every_position`. Equal to a full forward pass over each row's tokens so far. Without gradients the
+        layers run on the cache's fused weights."""
         start, T = cache.length, tokens.size(1)
         if start + T > cache.capacity:
             raise ValueError(f"the cache holds {cache.capacity} positions; {start} are filled, {T} more do not fit")
@@ -332,8 +391,9 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
         cos, sin = self.rotary.at(cache.positions(T)) if cache.padded else self.rotary(start, T, tokens.device)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once, not in every layer
         mask, causal = cache.attention_mask(T)
+        fused = cache.fused_weights if not torch.is_grad_enabled() else [(None, None)] * len(self.layers)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, causal, cache.layer(i), start)
+            x = layer(x, cos, sin, mask, causal, cache.layer(i), start, fused[i])
         cache.length += T
         if not every_position:
             return self.output_layer(self.norm(x[:, -1]))  # (B, V)
@@ -376,7 +436,9 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
 class KVCache:
     """Keys and values of every layer for `batch` rows, preallocated for `capacity` tokens per row, so that a step
     writes its keys in place. Rows are left-padded (prompts of different lengths): row b holds its tokens in columns
-    [pad[b], length), and every row's next token goes to column `length`."""
+    [pad[b], length), and every row's next token goes to column `length`. A cache belongs to the model as it was
+    when `new_cache` made it: its fused weights (`fused_weight`) read the model's weights in place, so training
+    in between is seen, but a model moved to another dtype or device needs a new cache."""
 
     def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device):
@@ -386,6 +448,8 @@ class KVCache:
         self.length = 0  # columns filled
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) columns before each row's first token
         self.padded = False  # whether any row has padding (then steps need an attention mask)
+        # per layer, (q/k/v, gate/up) weights fused (`Block.fused_weights`) or None each; set by `new_cache`
+        self.fused_weights: list[tuple[Tensor | None, Tensor | None]] = [(None, None)] * layers
 
     @property
     def batch(self) -> int:

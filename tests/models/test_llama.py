@@ -49,6 +49,62 @@ def test_prefill_and_steps_equal_the_full_forward_pass(kv_heads, tied, lengths):
             torch.testing.assert_close(g, full, atol=1e-5, rtol=0)
 
 
+def test_generation_fuses_projections_in_place_and_training_goes_on():
+    """A cache made without gradients fuses each layer's q/k/v and gate/up weights into one tensor each (a step
+    reads them in two matmuls instead of five), in place: the same Parameters and values. Training afterwards
+    updates what the fused tensors read; a dtype change gives the weights storage of their own again, and the next
+    cache fuses them anew."""
+    model = build()
+    d, attn, mlp = model.decoder, model.decoder.layers[1].self_attn, model.decoder.layers[1].mlp
+    params = list(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = [torch.randint(3, 49, (n,)) for n in (5, 3)]
+    cache = d.new_cache(2, 8)
+    qkv, gate_up = cache.fused_weights[1]
+    assert torch.equal(qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    assert torch.equal(gate_up, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    assert qkv.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(d.prefill(rows, cache), last_logits(model, rows), atol=1e-5, rtol=0)
+
+    model.train()
+    model(torch.randint(3, 49, (2, 6)))[0].logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (attn.k_proj.weight, mlp.up_proj.weight))
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(attn.k_proj.weight, before["decoder.layers.1.self_attn.k_proj.weight"])
+    assert torch.equal(qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+
+    model.eval().double()
+    assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
+    rows = [r.clone() for r in rows]
+    cache = d.new_cache(2, 8)
+    assert cache.fused_weights[1][0].dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(d.prefill(rows, cache), last_logits(model, rows), atol=1e-10, rtol=0)
+
+
+def test_lora_layers_are_not_fused_and_their_adapters_count_in_steps():
+    """A group of projections one of which has a LoRA adapter runs as separate layers (a fused weight would leave
+    the adapter out); a group without adapters is fused."""
+    model = build(lora_rank=2, lora_target_modules="k_proj")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.5)  # an adapter that changes the output (lora_B starts at zero)
+    rows = [torch.randint(3, 49, (n,)) for n in (4, 6)]
+    d = model.decoder
+    cache = d.new_cache(2, 10)
+    qkv, gate_up = cache.fused_weights[0]
+    assert qkv is None and gate_up is not None
+    with torch.no_grad():
+        torch.testing.assert_close(d.prefill(rows, cache), last_logits(model, rows), atol=1e-5, rtol=0)
+        new = torch.randint(3, 49, (2, 1))
+        expected = last_logits(model, [torch.cat([r, n]) for r, n in zip(rows, new)])
+        torch.testing.assert_close(d.step(new, cache), expected, atol=1e-5, rtol=0)
+
+
 def test_reordered_cache_rows_continue_their_own_sequences():
     """Beam search reorders rows, repeats one (beams of a prompt) and drops others (finished)."""
     model = build()
