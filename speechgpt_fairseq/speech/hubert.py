@@ -41,6 +41,23 @@ class GroupNormInInputDtype(nn.GroupNorm):
         return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
 
+def fold_weight_norms(model: nn.Module) -> None:
+    """Replace weight normalisation (HuBERT's positional conv: 4.7M weights in HuBERT-base) by the weight it
+    computes, once, where each forward pass would compute it again: the same weight."""
+    for module in model.modules():
+        if hasattr(module, "weight_g"):
+            nn.utils.remove_weight_norm(module)
+
+
+def products_in_bf16(model: nn.Module) -> None:
+    """Cast the weights and biases of `model`'s Linear and Conv1d layers to bf16 once, as bf16 autocast would cast
+    them on every call: the same products, without re-reading HuBERT's fp32 weights for every batch. Norms keep
+    their fp32 weights (autocast computes them in fp32). Weight norms are to be folded first (`fold_weight_norms`)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            module.to(torch.bfloat16)
+
+
 def norms_in_input_dtype(module: nn.Module) -> None:
     """Replace fairseq's Fp32GroupNorm in `module` by GroupNormInInputDtype with the same parameters."""
     from fairseq.modules import Fp32GroupNorm
@@ -109,8 +126,10 @@ class HubertFeatureReader:
             raise InputError(f"max_chunk {max_chunk} is shorter than HuBERT's 400-sample receptive field")
         if task.cfg.sample_rate != SAMPLE_RATE:
             raise InputError(f"{checkpoint}: expects {task.cfg.sample_rate} Hz audio; only {SAMPLE_RATE} Hz is supported")
+        fold_weight_norms(model)
         if bf16:
             norms_in_input_dtype(model.feature_extractor)
+            products_in_bf16(model)
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.layer, self.max_chunk, self.bf16 = layer, max_chunk, bf16

@@ -114,6 +114,25 @@ def test_bf16_is_close_to_float32(tiny_hubert, waveforms):
         assert (a - b).norm() / a.norm() < 0.05
 
 
+def test_bf16_weights_cast_once_give_the_features_of_autocast(tiny_hubert, waveforms):
+    """Under bf16 the reader casts its Linear and Conv1d weights to bf16 once (the positional conv's weight norm
+    folded first), where autocast would cast them on every call: the features are exactly those of fairseq's model,
+    weights as loaded, run under autocast (with the reader's bf16 GroupNorm, tested on its own below)."""
+    from fairseq import checkpoint_utils
+
+    from speechgpt_fairseq.speech.hubert import norms_in_input_dtype
+
+    reader = HubertFeatureReader(tiny_hubert, layer=2, bf16=True)
+    layer = reader.model.encoder.layers[0]
+    assert layer.fc1.weight.dtype == torch.bfloat16 and layer.final_layer_norm.weight.dtype == torch.float32
+    ours = reader.features(waveforms[:3])
+    (model,), _, _ = checkpoint_utils.load_model_ensemble_and_task([str(tiny_hubert)])
+    assert hasattr(model.encoder.pos_conv[0], "weight_g")  # weight-normed, as fairseq builds it
+    norms_in_input_dtype(model.feature_extractor)
+    reader.model = model.eval()
+    assert all(torch.equal(a, b) for a, b in zip(ours, reader.features(waveforms[:3])))
+
+
 def test_bf16_normalizes_the_first_conv_layer_in_bf16(tiny_hubert, tmp_path):
     """Under bf16 fairseq's Fp32GroupNorm (fp32 there and back) becomes a GroupNorm in the input's dtype: the
     checkpoint's parameters, the same values in fp32, bf16 out of bf16 within its rounding."""
@@ -144,10 +163,12 @@ def test_the_model_is_fairseqs_and_torch_draws_again_after_loading(tiny_hubert, 
     from torch import nn
 
     from speechgpt_fairseq.errors import InputError
+    from speechgpt_fairseq.speech.hubert import fold_weight_norms
 
     draws = {name: getattr(nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_")}
     ours = HubertFeatureReader(tiny_hubert, layer=2).model.state_dict()  # (registers the checkpoint's classes)
     (fairseq_model,), _, _ = checkpoint_utils.load_model_ensemble_and_task([str(tiny_hubert)])
+    fold_weight_norms(fairseq_model)  # as the reader does: the positional conv's weight, computed once
     theirs = fairseq_model.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
