@@ -11,10 +11,12 @@ fairseq's learn_kmeans and SpeechGPT's km1000.bin are):
   then dump_km_label.py's dump_label (ApplyKmeans over the memory-mapped features), as the recipe runs them.
 
 Each side runs in a process of its own, timed from after its imports to its last label written (loading the
-checkpoint included), and reports its peak resident memory (ru_maxrss; glibc's mmap threshold is fixed at 128 KiB
-in both, MALLOC_MMAP_THRESHOLD_, so that freed tensors leave the RSS and the peak follows live memory rather than
-heap growth). Each side also runs once on the corpus listed twice: a peak that stays put when the corpus doubles
-is memory that does not grow with it. Ours holds one window of audio and one batch at a time, so its peak can grow
+checkpoint included), with the allocator as users have it. Memory is measured in runs of its own: the peak
+resident memory (ru_maxrss) with glibc's mmap threshold fixed at 128 KiB in both (MALLOC_MMAP_THRESHOLD_), so that
+freed tensors leave the RSS and the peak follows live memory rather than heap growth, once on the corpus and once
+on the corpus listed twice: a peak that stays put when the corpus doubles is memory that does not grow with it.
+(Timed under that threshold, every large tensor is a fresh mapping whose pages the kernel zeroes: both sides
+slow down, by different amounts.) Ours holds one window of audio and one batch at a time, so its peak can grow
 only until its batches are full (`--max-batch-samples`; speech2unit's default is one file per pass on a CPU and
 100 s of audio on a GPU). Timed runs alternate (ours, fairseq, fairseq, ours, ...). `ratio ours/fairseq: Z` is our audio seconds per wall second over fairseq's:
 above 1 ours is faster. On a shared CPU wall times swing with other load; the CPU-seconds ratio (fairseq's over
@@ -133,7 +135,9 @@ def child(args) -> None:
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def run_side(side: str, manifest: Path, out: Path, args, ckpt: Path, km: Path) -> dict:
+def run_side(side: str, manifest: Path, out: Path, args, ckpt: Path, km: Path, memory: bool = False) -> dict:
+    """One run of a side in a process of its own: {"wall", "cpu", "rss_before_mb", "peak_mb"}. `memory`: with the
+    mmap threshold fixed (see above), for the peak; else with the allocator's defaults, for the time."""
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, __file__, "--child", side, "--manifest", str(manifest), "--out", str(out), "--ckpt",
                str(ckpt), "--km", str(km), "--layer", str(args.layer), "--device", args.device,
@@ -142,7 +146,7 @@ def run_side(side: str, manifest: Path, out: Path, args, ckpt: Path, km: Path) -
         command += ["--max-batch-samples", str(args.max_batch_samples)]
     if args.bf16:
         command.append("--bf16")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if memory else None
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{side} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -194,8 +198,8 @@ def main() -> None:
     for r in range(args.repeats):
         for side in (("ours", "fairseq") if r % 2 == 0 else ("fairseq", "ours")):
             timed[side].append(run_side(side, work / "audio" / "all.tsv", work / f"out_{side}", args, ckpt, km))
-    twice = {side: run_side(side, work / "audio" / "twice.tsv", work / f"out_{side}_twice", args, ckpt, km)
-             for side in ("ours", "fairseq")}
+    once, twice = ({side: run_side(side, work / "audio" / tsv, work / f"out_{side}_{tsv[:-4]}", args, ckpt, km,
+                                   memory=True) for side in ("ours", "fairseq")} for tsv in ("all.tsv", "twice.tsv"))
     ours_km = (work / "out_ours" / "all.km").read_text().splitlines()
     fairseq_km = (work / "out_fairseq" / "all_0_1.km").read_text().splitlines()
     differ = sum(a != b for a, b in zip(ours_km, fairseq_km)) + abs(len(ours_km) - len(fairseq_km))
@@ -211,8 +215,8 @@ def main() -> None:
         rate[side], cpu[side] = sum(durations) / statistics.median(walls), statistics.median(x["cpu"] for x in runs)
         print(f"{side:8s} {rate[side]:6.2f} audio s per wall s (median {statistics.median(walls):.1f} s, range "
               f"{min(walls):.1f}-{max(walls):.1f}; CPU {cpu[side]:.1f} s); peak RSS "
-              f"{max(x['peak_mb'] for x in runs):.0f} MB, corpus twice: {twice[side]['peak_mb']:.0f} MB "
-              f"(after imports: {min(x['rss_before_mb'] for x in runs):.0f} MB)")
+              f"{once[side]['peak_mb']:.0f} MB, corpus twice: {twice[side]['peak_mb']:.0f} MB "
+              f"(after imports: {once[side]['rss_before_mb']:.0f} MB)")
     print(f"ratio ours/fairseq: {rate['ours'] / rate['fairseq']:.3f}")
     print(f"CPU seconds fairseq/ours: {cpu['fairseq'] / cpu['ours']:.3f}")
     if not args.workdir:
