@@ -191,10 +191,10 @@ class Attention(nn.Module):
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         if qkv_weight is None:
             q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # fp32 tables; bf16 under autocast
-            q = apply_rotary(q, cos, sin)
-            k = apply_rotary(self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
             v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # fp32 tables; bf16 under autocast
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         else:
             qkv = kernels.linear(x, qkv_weight).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
             qk = apply_rotary(qkv[:, :H + Hkv], cos.to(qkv.dtype), sin.to(qkv.dtype))  # queries and keys at once
