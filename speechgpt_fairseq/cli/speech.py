@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -67,11 +68,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def feature_settings(args) -> dict:
+def model_settings(args) -> dict:
+    """The models (k-means, features) labels depend on, with their files' digests: a resumed run must match them."""
+    kmeans = Path(args.kmeans).resolve()
+    settings = {"kmeans": str(kmeans), "kmeans_sha256": file_sha256(kmeans)}
     if args.hubert is None:
-        return {"features": "mfcc"}
+        return {**settings, "features": "mfcc"}
     hubert = Path(args.hubert).resolve()
-    return {"hubert": str(hubert), "hubert_sha256": file_sha256(hubert), "layer": args.layer,
+    return {**settings, "hubert": str(hubert), "hubert_sha256": file_sha256(hubert), "layer": args.layer,
             "max_chunk": args.max_chunk, "bf16": args.bf16}
 
 
@@ -214,22 +218,24 @@ class Speech2Unit:
         else:
             groups = [(args.split or (inputs[0].stem if inputs[0].suffix == ".tsv" else "all"), args.inputs)]
         listed = [(split, listed_audio(paths)) for split, paths in groups]  # every input is checked first
-        speech2unit = SpeechToUnits(args.kmeans, hubert=args.hubert, layer=args.layer, device=args.device,
-                                    bf16=args.bf16, max_chunk=args.max_chunk)  # bad models fail before any output
+        with ThreadPoolExecutor(1) as hashing:  # the model files are hashed (0.2 s for HuBERT-base) as they load
+            models = hashing.submit(model_settings, args)
+            speech2unit = SpeechToUnits(args.kmeans, hubert=args.hubert, layer=args.layer, device=args.device,
+                                        bf16=args.bf16, max_chunk=args.max_chunk)  # bad models fail before any output
+            models = models.result()
         for split, entries in listed:
-            label_split(speech2unit, split, entries, args)
+            label_split(speech2unit, split, entries, args, models)
 
 
-def label_split(speech2unit: SpeechToUnits, split: str, entries: list[AudioEntry], args) -> None:
-    """Label this shard of `entries` into OUT/SPLIT.*, resuming a killed run of the same command."""
+def label_split(speech2unit: SpeechToUnits, split: str, entries: list[AudioEntry], args, models: dict) -> None:
+    """Label this shard of `entries` into OUT/SPLIT.*, resuming a killed run of the same command (`models`: the
+    model_settings it must share)."""
     start, end = shard_range(len(entries), args.nshard, args.shard)
     entries = entries[start:end]
     stem = split if args.nshard == 1 else f"{split}_{args.shard}_{args.nshard}"
     suffixes = ["km", "units", "names"] + (["dur"] if args.durations else [])
     listing = "\n".join(f"{e.path}\t{e.num_samples}" for e in entries).encode("utf-8")
-    kmeans = Path(args.kmeans).resolve()
-    settings = {"inputs": hashlib.sha256(listing).hexdigest(), "files": len(entries), "kmeans": str(kmeans),
-                "kmeans_sha256": file_sha256(kmeans), **feature_settings(args), "dedup": args.dedup,
+    settings = {"inputs": hashlib.sha256(listing).hexdigest(), "files": len(entries), **models, "dedup": args.dedup,
                 "durations": args.durations}
     progress = ShardProgress(Path(args.out), stem, suffixes, settings, args.overwrite)
     started, seconds_before = time.perf_counter(), progress.state["seconds"]

@@ -117,10 +117,11 @@ def test_bf16_is_close_to_float32(tiny_hubert, waveforms):
 def test_bf16_weights_cast_once_give_the_features_of_autocast(tiny_hubert, waveforms):
     """Under bf16 the reader casts its Linear and Conv1d weights to bf16 once (the positional conv's weight norm
     folded first), where autocast would cast them on every call: the features are exactly those of fairseq's model,
-    weights as loaded, run under autocast (with the reader's bf16 GroupNorm, tested on its own below)."""
+    weights as loaded, run under autocast (with the reader's bf16 GroupNorm and first conv, tested on their own
+    below, and without padding to an even number of frames, which changes bf16 products' shapes)."""
     from fairseq import checkpoint_utils
 
-    from speechgpt_fairseq.speech.hubert import norms_in_input_dtype
+    from speechgpt_fairseq.speech.hubert import norms_in_input_dtype, waveform_conv_as_matmul
 
     reader = HubertFeatureReader(tiny_hubert, layer=2, bf16=True)
     layer = reader.model.encoder.layers[0]
@@ -129,6 +130,9 @@ def test_bf16_weights_cast_once_give_the_features_of_autocast(tiny_hubert, wavef
     (model,), _, _ = checkpoint_utils.load_model_ensemble_and_task([str(tiny_hubert)])
     assert hasattr(model.encoder.pos_conv[0], "weight_g")  # weight-normed, as fairseq builds it
     norms_in_input_dtype(model.feature_extractor)
+    model.feature_extractor.conv_layers[0][0].to(torch.bfloat16)
+    waveform_conv_as_matmul(model)
+    model.encoder.required_seq_len_multiple = 1
     reader.model = model.eval()
     assert all(torch.equal(a, b) for a, b in zip(ours, reader.features(waveforms[:3])))
 
@@ -154,6 +158,37 @@ def test_bf16_normalizes_the_first_conv_layer_in_bf16(tiny_hubert, tmp_path):
         out = norm(x.bfloat16())
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), fairseq_norm(x.bfloat16()).float(), atol=0.05, rtol=0.02)
+
+
+def test_the_waveform_conv_as_a_matmul_is_the_conv(tiny_hubert):
+    """Under bf16 the extractor's first conv (one input channel) is a product of the waveform's windows with the
+    kernels: the conv's values in fp32; in bf16 those of bf16 conv1d within one rounding of its output."""
+    from speechgpt_fairseq.speech.hubert import WaveformConvAsMatmul
+
+    conv = HubertFeatureReader(tiny_hubert, layer=1).model.feature_extractor.conv_layers[0][0]
+    assert type(HubertFeatureReader(tiny_hubert, layer=1, bf16=True).model.feature_extractor.conv_layers[0][0]) \
+        is WaveformConvAsMatmul
+    x = torch.randn(2, 1, 4003)  # the last window ends 3 samples before the end, as the conv's does
+    with torch.no_grad():
+        ref, ours = conv(x), WaveformConvAsMatmul(conv)(x)
+        assert ours.shape == ref.shape
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+        conv.to(torch.bfloat16)
+        ref, ours = conv(x.bfloat16()), WaveformConvAsMatmul(conv)(x)
+        assert ours.dtype == torch.bfloat16
+        torch.testing.assert_close(ours.float(), ref.float(), atol=1e-3, rtol=2 ** -7)
+
+
+def test_an_odd_number_of_frames_gets_fairseqs_features(tiny_hubert, waveforms, fairseq_reader):
+    """One piece alone with an odd number of frames: fairseq pads a frame and masks it, the reader does not pad;
+    the features are the same."""
+    reader = HubertFeatureReader(tiny_hubert, layer=2)
+    odd = [w for w in waveforms if reader.num_frames(len(w)) % 2]
+    assert odd
+    for wav in odd:
+        [ours] = reader.features(reader.segments(wav))
+        [theirs] = fairseq_reader(tiny_hubert, 2, [wav])
+        np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-5, rtol=0)
 
 
 def test_the_model_is_fairseqs_and_torch_draws_again_after_loading(tiny_hubert, tmp_path):
