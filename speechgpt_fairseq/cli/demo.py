@@ -68,6 +68,9 @@ class Demo:
         p.add_argument("--out", required=True, help="working directory of the demo (created; reused to resume)")
         p.add_argument("--hubert", default=None, help="fairseq HuBERT checkpoint for the units (default: MFCC)")
         p.add_argument("--layer", type=int, default=11, help="its layer (default 11)")
+        p.add_argument("--mfcc-average", type=positive_int, default=1, metavar="N",
+                       help="MFCC units: fit k-means on frames averaged over N (odd; learn-kmeans --mfcc-average; "
+                            "default 1, fairseq's features; docs/quickstart.md has what 5 and 7 gave)")
         p.add_argument("--quick", action="store_true",
                        help="a tiny corpus and a few updates: checks the pipeline in a minute or two; no bar applied")
         p.add_argument("--config-dir", default=None, help="the demo configs (default: examples/demo of this clone)")
@@ -81,7 +84,8 @@ class Demo:
         if args.config_dir is not None and not Path(args.config_dir).is_dir():
             raise FileNotFoundError(f"{args.config_dir}: no such directory (--config-dir: the demo's stage configs)")
         pipeline = DemoPipeline(args.out, Sizes.quick() if args.quick else Sizes(), hubert=args.hubert,
-                                layer=args.layer, config_dir=args.config_dir, workers=args.workers)
+                                layer=args.layer, config_dir=args.config_dir, workers=args.workers,
+                                mfcc_average=args.mfcc_average)
         start = time.perf_counter()
         times = pipeline.run(log=lambda line: print(line, flush=True))
         result = write_report(args.out, times, time.perf_counter() - start, quick=args.quick)

@@ -21,7 +21,7 @@ from speechgpt_fairseq.cli.main import positive_int
 from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.audio import SAMPLE_RATE, AudioEntry, AudioError, list_audio
 from speechgpt_fairseq.speech.hubert import MAX_CHUNK
-from speechgpt_fairseq.speech.kmeans import FAIRSEQ_KMEANS_OPTIONS, fit_kmeans, save_kmeans
+from speechgpt_fairseq.speech.kmeans import FAIRSEQ_KMEANS_OPTIONS, MFCC_AVERAGE_ATTRIBUTE, fit_kmeans, save_kmeans
 from speechgpt_fairseq.speech.speech2unit import (MAX_BATCH_SAMPLES, WINDOW_BATCHES, SpeechFeatures, SpeechToUnits,
                                                   read_windows, shard_range)
 from speechgpt_fairseq.speech.units import dedup_units, format_kmeans_labels, format_unit_string, unit_durations
@@ -308,6 +308,11 @@ class LearnKmeans:
         p.add_argument("--percent", type=float, default=-1,
                        help="fraction (0, 1] of the files to fit on, drawn with --seed; -1: all (default)")
         p.add_argument("--seed", type=int, default=0, help="seed of the file sample and of k-means (default 0)")
+        p.add_argument("--mfcc-average", type=positive_int, default=1, metavar="N",
+                       help="MFCC features only: average each frame with its neighbours, over N frames (odd; default "
+                            "1, fairseq's features). Labels then depend less on where the 10 ms frames fall on the "
+                            "sound. Recorded in the k-means file: speech2unit, chat and fit-exemplar-vocoder compute "
+                            "the same features from it; fairseq's dump_mfcc_feature does not average")
         opts = FAIRSEQ_KMEANS_OPTIONS
         p.add_argument("--init", default=opts["init"], choices=["k-means++", "random"],
                        help=f"centroid initialisation (default {opts['init']})")
@@ -333,7 +338,7 @@ class LearnKmeans:
         if out.exists() and not args.overwrite:
             raise OutputExistsError(f"{out}: exists (pass --overwrite to replace it)")
         entries = sample_files(listed_audio(args.inputs), args.percent, args.seed)
-        extractor = SpeechFeatures(args.hubert, args.layer, args.device, args.bf16, args.max_chunk)
+        extractor = SpeechFeatures(args.hubert, args.layer, args.device, args.bf16, args.max_chunk, args.mfcc_average)
         features, skipped = [], []
         with tqdm(total=len(entries), desc="features", unit=" file", disable=args.no_progress) as bar:
             for window in read_windows(entries, window_samples(args), args.skip_bad):
@@ -347,6 +352,8 @@ class LearnKmeans:
         model = fit_kmeans(frames, args.n_clusters, seed=args.seed, init=args.init, max_iter=args.max_iter,
                            batch_size=args.batch_size, tol=args.tol, max_no_improvement=args.max_no_improvement,
                            n_init=args.n_init, reassignment_ratio=args.reassignment_ratio)
+        if args.mfcc_average > 1:
+            setattr(model, MFCC_AVERAGE_ATTRIBUTE, args.mfcc_average)
         save_kmeans(model, out)
         print(f"wrote {out}: {args.n_clusters} clusters of {extractor.dim}-dim features ({extractor.name}), "
               f"fitted on {len(frames)} frames of {len(features)} files; " + skipped_report(skipped))

@@ -81,9 +81,14 @@ class DemoPipeline:
     """The commands of the demo for output directory `out`."""
 
     def __init__(self, out: str | Path, sizes: Sizes = Sizes(), hubert: str | None = None, layer: int = 11,
-                 config_dir: str | Path | None = None, workers: int = 2, seed: int = 1):
+                 config_dir: str | Path | None = None, workers: int = 2, seed: int = 1, mfcc_average: int = 1):
+        if hubert and mfcc_average != 1:
+            raise DemoError(f"--mfcc-average {mfcc_average} applies to MFCC units, not to --hubert's")
+        if mfcc_average % 2 == 0:
+            raise DemoError(f"--mfcc-average {mfcc_average}: MFCC frames are averaged over an odd number of frames")
         self.out = Path(out).absolute()
         self.sizes, self.hubert, self.layer, self.workers, self.seed = sizes, hubert, layer, workers, seed
+        self.mfcc_average = mfcc_average
         self.config_dir = Path(config_dir).absolute() if config_dir else find_config_dir()
 
     def path(self, *parts: str) -> str:
@@ -111,9 +116,11 @@ class DemoPipeline:
 
     def unit_steps(self) -> list[Step]:
         kmeans = self.path("units", "kmeans.bin")
+        # the k-means file records the averaging, so every later step computes the same features
+        averaging = ["--mfcc-average", str(self.mfcc_average)] if self.mfcc_average > 1 else []
         steps = [Step("kmeans", ["speechgpt", "learn-kmeans", self.path("corpus", "train.tsv"), *self.features(),
-                                 "--n-clusters", str(NUM_UNITS), "--percent", "0.1", "--seed", str(self.seed),
-                                 "--out", kmeans, "--overwrite", "--no-progress"])]
+                                 *averaging, "--n-clusters", str(NUM_UNITS), "--percent", "0.1", "--seed",
+                                 str(self.seed), "--out", kmeans, "--overwrite", "--no-progress"])]
         # the vocoder speaks the model's answers, which imitate the assistant's voice: fitted on that voice
         steps.append(Step("vocoder", ["speechgpt", "fit-exemplar-vocoder", self.path("corpus", "train_assistant.tsv"),
                                       *self.features(), "--kmeans", kmeans, "--max-files", "500",

@@ -100,7 +100,7 @@ def fit_exemplar_vocoder(entries, kmeans, hubert: str | Path | None = None, laye
     from speechgpt_fairseq.speech.speech2unit import SpeechFeatures
 
     labeler = KmeansLabeler(kmeans)
-    features = SpeechFeatures(hubert, layer)
+    features = SpeechFeatures(hubert, layer, mfcc_average=labeler.mfcc_average)
     centers = labeler.centers_t.T  # (K, dim)
 
     def utterances():

@@ -18,6 +18,8 @@ from speechgpt_fairseq.errors import InputError
 
 logger = logging.getLogger(__name__)
 
+MFCC_AVERAGE_ATTRIBUTE = "mfcc_average_frames"
+
 # fairseq examples/hubert/simple_kmeans/learn_kmeans.py defaults (verbose off).
 FAIRSEQ_KMEANS_OPTIONS = dict(
     init="k-means++",
@@ -69,6 +71,13 @@ def load_kmeans(path: str | Path) -> MiniBatchKMeans:
     return model
 
 
+def mfcc_average_of(model: MiniBatchKMeans) -> int:
+    """Over how many frames the MFCC features `model` was fitted on were averaged (mfcc.average_frames): learn-kmeans
+    records it in the model (`mfcc_average_frames`), so that labelling computes the same features; 1 (fairseq's
+    features) in any other k-means file."""
+    return int(getattr(model, MFCC_AVERAGE_ATTRIBUTE, 1))
+
+
 class KmeansLabeler:
     """Nearest-centroid labels with precomputed centroids (fairseq's ApplyKmeans, batched).
 
@@ -79,6 +88,7 @@ class KmeansLabeler:
         if isinstance(model, (str, Path)):
             model = load_kmeans(model)
         self.centers_t = np.ascontiguousarray(model.cluster_centers_.T)  # (dim, K)
+        self.mfcc_average = mfcc_average_of(model)
         self.centers_norm = (self.centers_t ** 2).sum(0, keepdims=True)  # (1, K)
         self._centers_t, self._centers_norm = torch.from_numpy(self.centers_t), torch.from_numpy(self.centers_norm)
         self.batch_size = batch_size

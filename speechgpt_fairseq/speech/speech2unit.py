@@ -92,15 +92,21 @@ def read_windows(entries: list[AudioEntry], window_samples: int, skip_bad: bool 
 
 class SpeechFeatures:
     """Features to cluster: HuBERT layer `layer` of a fairseq checkpoint (`hubert`), or MFCC + deltas without
-    one; many waveforms at a time, batched by length."""
+    one (averaged over `mfcc_average` frames: mfcc.average_frames); many waveforms at a time, batched by length."""
 
     def __init__(self, hubert: str | Path | None = None, layer: int = 11, device: str = "cpu", bf16: bool = False,
-                 max_chunk: int = MAX_CHUNK):
+                 max_chunk: int = MAX_CHUNK, mfcc_average: int = 1):
+        if hubert is not None and mfcc_average != 1:
+            raise InputError(f"averaging frames ({mfcc_average}) applies to MFCC features, not to HuBERT's")
+        if mfcc_average < 1 or mfcc_average % 2 == 0:
+            raise InputError(f"MFCC frames are averaged over an odd number of frames, not {mfcc_average}")
         self.reader = None if hubert is None else HubertFeatureReader(hubert, layer, device, bf16, max_chunk)
         if hubert is None and bf16:
             logger.warning("bf16 applies to HuBERT; MFCC features are computed in float32")
+        self.mfcc_average = mfcc_average
         self.dim = MFCC_DIM if self.reader is None else self.reader.dim
-        self.name = "MFCC + deltas" if hubert is None else f"{hubert} layer {layer}"
+        self.name = (f"{hubert} layer {layer}" if hubert is not None else "MFCC + deltas" +
+                     (f", averaged over {mfcc_average} frames" if mfcc_average > 1 else ""))
 
     def __call__(self, wavs: list[np.ndarray], max_batch_samples: int = MAX_BATCH_SAMPLES) -> list[np.ndarray]:
         """(frames, dim) float32 features of each 16 kHz waveform."""
@@ -112,7 +118,7 @@ class SpeechFeatures:
         for i, wav in enumerate(wavs):
             check_length(wav, f"waveform {i}")
         if self.reader is None:
-            return [[fn(mfcc_features(wav))] for wav in wavs]
+            return [[fn(mfcc_features(wav, average=self.mfcc_average))] for wav in wavs]
         pieces = [(i, seg) for i, wav in enumerate(wavs) for seg in self.reader.segments(wav)]
         results: list = [None] * len(pieces)
         for batch in length_batches([len(seg) for _, seg in pieces], max_batch_samples):
@@ -131,7 +137,7 @@ class SpeechToUnits:
     def __init__(self, kmeans: str | Path | MiniBatchKMeans, hubert: str | Path | None = None, layer: int = 11,
                  device: str = "cpu", bf16: bool = False, max_chunk: int = MAX_CHUNK):
         self.labeler = KmeansLabeler(kmeans)
-        self.features = SpeechFeatures(hubert, layer, device, bf16, max_chunk)
+        self.features = SpeechFeatures(hubert, layer, device, bf16, max_chunk, self.labeler.mfcc_average)
         if self.labeler.dim != self.features.dim:
             kmeans_name = kmeans if isinstance(kmeans, (str, Path)) else "the k-means model"
             raise InputError(f"{kmeans_name}: clusters {self.labeler.dim}-dimensional features, but "

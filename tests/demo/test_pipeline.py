@@ -62,3 +62,10 @@ def test_the_demo_steps_are_the_documented_commands(tmp_path):
     assert len({step.name for step in steps}) == len(steps)
     hubert = DemoPipeline(tmp_path, Sizes(), hubert="/m/hubert.pt", config_dir=tmp_path).steps()
     assert all("--hubert" in s.argv for s in hubert if s.argv[1:2] in (["learn-kmeans"], ["speech2unit"]))
+    # averaged MFCC frames are asked of learn-kmeans only (the k-means file records them for the later steps)
+    averaged = DemoPipeline(tmp_path, Sizes(), config_dir=tmp_path, mfcc_average=7).steps()
+    assert [s.argv[s.argv.index("--mfcc-average") + 1] for s in averaged if "--mfcc-average" in s.argv] == ["7"]
+    assert [s.argv[1] for s in averaged if "--mfcc-average" in s.argv] == ["learn-kmeans"]
+    assert not any("--mfcc-average" in s.argv for s in steps)
+    with pytest.raises(DemoError, match="applies to MFCC units"):
+        DemoPipeline(tmp_path, Sizes(), hubert="/m/hubert.pt", config_dir=tmp_path, mfcc_average=5)

@@ -91,6 +91,43 @@ def test_percent_and_mfcc_features(cli, speech_dir, tmp_path):
     assert len(SpeechToUnits(km)(speech_dir / NAMES[0])) > 0
 
 
+def test_mfcc_average_is_recorded_in_the_kmeans_file_and_labels_with_it(cli, speech_dir, tiny_hubert, tmp_path,
+                                                                        capsys):
+    """learn-kmeans --mfcc-average 5 fits on MFCC frames averaged over 5 and records it in the k-means file: labels
+    (speech2unit, chat, the exemplar vocoder) come from the same averaged features, not from fairseq's."""
+    from speechgpt_fairseq.speech.mfcc import average_frames, mfcc_features
+
+    km = tmp_path / "avg.bin"
+    run = cli("speechgpt", "learn-kmeans", speech_dir, "--mfcc-average", "5", "--n-clusters", "8", "--n-init", "1",
+              "--max-iter", "10", "--out", km, "--no-progress")
+    assert "(MFCC + deltas, averaged over 5 frames)" in run.stdout
+    model = load_kmeans(km)
+    assert type(model) is MiniBatchKMeans and model.mfcc_average_frames == 5
+    wav = read_audio(speech_dir / NAMES[0])
+    plain, averaged = mfcc_features(wav), average_frames(mfcc_features(wav), 5)
+    labels = SpeechToUnits(km)(speech_dir / NAMES[0])
+    assert labels == KmeansLabeler(model)(averaged).tolist() != KmeansLabeler(model)(plain).tolist()
+    out = tmp_path / "units"
+    cli("speechgpt", "speech2unit", speech_dir / NAMES[0], "--kmeans", km, "--out", out, "--split", "a",
+        "--no-progress")
+    assert (out / "a.km").read_text().split() == list(map(str, labels))
+    assert main(["learn-kmeans", str(speech_dir), "--hubert", str(tiny_hubert), "--mfcc-average", "3", "--out",
+                 str(tmp_path / "h.bin"), "--no-progress"]) == 1
+    assert "averaging frames (3) applies to MFCC features, not to HuBERT's" in capsys.readouterr().err
+
+
+def test_average_frames_is_the_centred_mean():
+    from speechgpt_fairseq.speech.mfcc import average_frames
+
+    feats = np.random.default_rng(0).normal(size=(9, 4)).astype(np.float32)
+    padded = np.concatenate([feats[:1], feats[:1], feats, feats[-1:], feats[-1:]])  # edge frames replicated
+    expected = np.stack([padded[i:i + 5].mean(0) for i in range(9)])
+    np.testing.assert_allclose(average_frames(feats, 5), expected, rtol=1e-6, atol=1e-6)
+    assert average_frames(feats, 1) is feats
+    with pytest.raises(ValueError, match="odd number"):
+        average_frames(feats, 4)
+
+
 def test_errors(speech_dir, tmp_path, capsys):
     out = tmp_path / "km.bin"
     assert main(["learn-kmeans", str(speech_dir / NAMES[0]), "--n-clusters", "100000", "--out", str(out),
@@ -109,3 +146,6 @@ def test_errors(speech_dir, tmp_path, capsys):
     assert main(["learn-kmeans", str(bad), str(speech_dir / NAMES[0]), "--n-clusters", "2", "--n-init", "1",
                  "--out", str(tmp_path / "k.bin"), "--skip-bad", "--no-progress"]) == 0
     assert "skipped 1 (unreadable: 1)" in capsys.readouterr().out
+    assert main(["learn-kmeans", str(speech_dir), "--mfcc-average", "4", "--out", str(tmp_path / "k4.bin"),
+                 "--no-progress"]) == 1
+    assert "averaged over an odd number of frames, not 4" in capsys.readouterr().err
