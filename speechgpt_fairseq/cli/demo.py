@@ -68,9 +68,9 @@ class Demo:
         p.add_argument("--out", required=True, help="working directory of the demo (created; reused to resume)")
         p.add_argument("--hubert", default=None, help="fairseq HuBERT checkpoint for the units (default: MFCC)")
         p.add_argument("--layer", type=int, default=11, help="its layer (default 11)")
-        p.add_argument("--mfcc-average", type=positive_int, default=1, metavar="N",
+        p.add_argument("--mfcc-average", type=positive_int, default=None, metavar="N",
                        help="MFCC units: fit k-means on frames averaged over N (odd; learn-kmeans --mfcc-average; "
-                            "default 1, fairseq's features; docs/quickstart.md has what 5 and 7 gave)")
+                            "default 9; 1 gives fairseq's features; docs/quickstart.md has what 1, 5 and 7 gave)")
         p.add_argument("--quick", action="store_true",
                        help="a tiny corpus and a few updates: checks the pipeline in a minute or two; no bar applied")
         p.add_argument("--config-dir", default=None, help="the demo configs (default: examples/demo of this clone)")

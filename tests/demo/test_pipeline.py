@@ -62,10 +62,14 @@ def test_the_demo_steps_are_the_documented_commands(tmp_path):
     assert len({step.name for step in steps}) == len(steps)
     hubert = DemoPipeline(tmp_path, Sizes(), hubert="/m/hubert.pt", config_dir=tmp_path).steps()
     assert all("--hubert" in s.argv for s in hubert if s.argv[1:2] in (["learn-kmeans"], ["speech2unit"]))
-    # averaged MFCC frames are asked of learn-kmeans only (the k-means file records them for the later steps)
-    averaged = DemoPipeline(tmp_path, Sizes(), config_dir=tmp_path, mfcc_average=7).steps()
-    assert [s.argv[s.argv.index("--mfcc-average") + 1] for s in averaged if "--mfcc-average" in s.argv] == ["7"]
-    assert [s.argv[1] for s in averaged if "--mfcc-average" in s.argv] == ["learn-kmeans"]
-    assert not any("--mfcc-average" in s.argv for s in steps)
+    # averaged MFCC frames are asked of learn-kmeans only (the k-means file records them for the later steps):
+    # over 9 frames unless told otherwise, and never for HuBERT's units
+    def averaging(steps):
+        return [(s.argv[1], s.argv[s.argv.index("--mfcc-average") + 1]) for s in steps if "--mfcc-average" in s.argv]
+    assert averaging(steps) == [("learn-kmeans", "9")]
+    assert averaging(DemoPipeline(tmp_path, Sizes(), config_dir=tmp_path, mfcc_average=7).steps()) == [
+        ("learn-kmeans", "7")]
+    assert averaging(DemoPipeline(tmp_path, Sizes(), config_dir=tmp_path, mfcc_average=1).steps()) == []
+    assert averaging(hubert) == []
     with pytest.raises(DemoError, match="applies to MFCC units"):
         DemoPipeline(tmp_path, Sizes(), hubert="/m/hubert.pt", config_dir=tmp_path, mfcc_average=5)
