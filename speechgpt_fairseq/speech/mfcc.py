@@ -64,8 +64,9 @@ def mfcc_features(wav: np.ndarray, sample_rate: int = SAMPLE_RATE, average: int 
 def average_frames(feats: np.ndarray, average: int) -> np.ndarray:
     """Each frame of (frames, dim) `feats` replaced by the mean of the `average` (odd) frames centred on it, edge
     frames replicated. Labels of averaged MFCCs depend less on where the 10 ms frames fall on the sound: the same
-    espeak-ng utterance shifted by 2-8 ms changes 18% of its deduplicated labels (100 clusters), 8% when averaged
-    over 5 frames, so that a word's units depend less on what came before it."""
+    espeak-ng utterance shifted by 2-8 ms changes 15.4% of its deduplicated labels (100 clusters), 6.9% when
+    averaged over 5 frames and 5.0% over 9 (benchmarks/mfcc_label_shift.py), so that a word's units depend less on
+    what came before it."""
     if average < 1 or average % 2 == 0:
         raise ValueError(f"frames are averaged over an odd number of frames centred on each, not {average}")
     if average == 1 or len(feats) == 0:
