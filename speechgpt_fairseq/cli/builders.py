@@ -94,8 +94,9 @@ class BuildCoM:
     """Build stage-3 chain-of-modality data from JSON lines with `text_i`, `text_r` and, where available,
     `units_i`, `units_r` (unit strings, k-means labels or lists of ints), or with the units in files whose
     line N belongs to manifest line N (--units-i, --units-r). Each record gets one of the formats s2s, s2t, t2s,
-    t2t, drawn with the --mix weights among those its fields allow; records that allow none are counted. A
-    bad record stops with its file and line and nothing is written (or is skipped with --skip-bad)."""
+    t2t (SpeechGPT's) or t2t_restated (the typed question restated, then answered: text in the chain's shape),
+    drawn with the --mix weights among those its fields allow; records that allow none are counted. A bad
+    record stops with its file and line and nothing is written (or is skipped with --skip-bad)."""
 
     help = "build chain-of-modality instruction data (stage 3)"
 

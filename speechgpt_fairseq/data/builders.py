@@ -2,10 +2,11 @@
 
 Cross-modal (stage 2): each (units, transcript) pair becomes an ASR example (instruction from `asr.txt`, input
 the unit string, output the transcript) with probability `asr_prob`, else a TTS example (instruction from
-`tts.txt`, input the transcript, output the unit string). Text instructions (stage 2's text part): each (instruction, optional input, output) record becomes one example
-without speech. Chain-of-modality (stage 3): each record of
-(text_i, text_r, units_i, units_r) becomes one of the four formats, drawn with the weights of a mix among the
-formats its fields allow. Both are seeded: the same input and seed give the same file.
+`tts.txt`, input the transcript, output the unit string). Text instructions (stage 2's text part): each
+(instruction, optional input, output) record becomes one example without speech. Chain-of-modality (stage 3):
+each record of (text_i, text_r, units_i, units_r) becomes one of the chain-of-modality formats
+(prompts.COM_FORMATS), drawn with the weights of a mix among the formats its fields allow. Both are seeded: the
+same input and seed give the same file.
 
 Inputs are read streaming. A bad record stops the build with its file and line, and nothing is written; with
 `skip_bad` it is skipped and counted by reason instead. Empty lines are always skipped and counted.

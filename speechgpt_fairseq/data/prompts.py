@@ -16,6 +16,12 @@ Chain-of-modality (stage 3), four formats by the modality of instruction and res
     t2s  [Human]: {TextI} Answer in speech.<eoh>. [SpeechGPT]: [ta] {TextR}; [ua] {SpeechR}<eoa>.
     t2t  [Human]: {TextI}<eoh>. [SpeechGPT]: [ta] {TextR}<eoa>.
 
+and one of our own, not SpeechGPT's: text instruction data in the chain's shape, the typed question restated as
+the chain restates a spoken one (its transcript) before the answer, so that the step from a transcript to its
+answer is also learned for what was only ever read:
+
+    t2t_restated  [Human]: {TextI}<eoh>. [SpeechGPT]: {TextI}; [ta] {TextR}<eoa>.
+
 Speech is always `<sosp>…<eosp>`. A model answers after `[SpeechGPT]:`; everything up to and including it is
 the prompt, the rest (with the end of sequence) is the response.
 
@@ -42,7 +48,9 @@ COM_FORMATS = {
     "s2t": "[Human]: {speech_i} Answer in text.<eoh>. [SpeechGPT]: {text_i}; [ta] {text_r}<eoa>.",
     "t2s": "[Human]: {text_i} Answer in speech.<eoh>. [SpeechGPT]: [ta] {text_r}; [ua] {speech_r}<eoa>.",
     "t2t": "[Human]: {text_i}<eoh>. [SpeechGPT]: [ta] {text_r}<eoa>.",
+    "t2t_restated": "[Human]: {text_i}<eoh>. [SpeechGPT]: {text_i}; [ta] {text_r}<eoa>.",
 }
+SPEECHGPT_COM_FORMATS = ("s2s", "s2t", "t2s", "t2t")  # the four of SpeechGPT's paper and data
 
 SPEECHGPT_CHAT = "[Human]: {request} <eoh>. [SpeechGPT]: "
 INPUT_MARK = "is input:"  # SpeechGPT's chat: ASR and TTS requests put their input after "(t|T)his is input:"
@@ -86,7 +94,7 @@ def instruction_prompt(instruction: str, input: str = "") -> str:
 
 def chain_of_modality(fmt: str, text_i: str, text_r: str, speech_i: list[int] | None = None,
                       speech_r: list[int] | None = None) -> str:
-    """The plain_text of a chain-of-modality example in format `fmt` (s2s, s2t, t2s, t2t)."""
+    """The plain_text of a chain-of-modality example in format `fmt` (one of COM_FORMATS)."""
     if fmt not in COM_FORMATS:
         raise PromptFormatError(f"unknown chain-of-modality format {fmt!r}; expected one of {sorted(COM_FORMATS)}")
     need_si, need_sr = fmt[0] == "s", fmt[2] == "s"
@@ -100,7 +108,7 @@ def chain_of_modality(fmt: str, text_i: str, text_r: str, speech_i: list[int] | 
 
 def com_prompt(fmt: str, text_i: str | None = None, speech_i: list[int] | None = None) -> str:
     """The prompt of a chain-of-modality format, up to and including `[SpeechGPT]:`, for a question given as
-    text (t2s, t2t) or as units (s2s, s2t): what a model answers in that format."""
+    text (t2*) or as units (s2*): what a model answers in that format."""
     if fmt not in COM_FORMATS:
         raise PromptFormatError(f"unknown chain-of-modality format {fmt!r}; expected one of {sorted(COM_FORMATS)}")
     if (fmt[0] == "s") != (speech_i is not None) or (fmt[0] == "t") != (text_i is not None):

@@ -19,6 +19,8 @@ world's knowledge as text instructions, and a tokenizer; the units come later, f
     OUT/qa_train_swapped.tsv         line-aligned with qa_train.jsonl: another training question's speech, of the same
                                      relation and another person (a transcript given with speech that does not say it)
     OUT/knowledge.jsonl              {"instruction", "output"}: the text instructions that teach the world
+    OUT/knowledge_com.jsonl          {"text_i", "text_r"}: the same, for stage 3's chain-shaped text (build-com's
+                                     t2t_restated: the question restated as a transcript, then answered)
     OUT/tokenizer.model              a LLaMA-style sentencepiece model of all the text and prompt markup
 
 Sentences are split into train / valid / test before synthesis, so a held-out sentence is never heard in
@@ -133,6 +135,8 @@ def make_corpus(out: str | Path, sentences: tuple[int, int, int] = (4000, 200, 1
                 for q, _ in spoken[split]))
         (tmp / "knowledge.jsonl").write_text(
             "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in knowledge))
+        (tmp / "knowledge_com.jsonl").write_text(
+            "".join(json.dumps({"text_i": q, "text_r": a}) + "\n" for q, a in knowledge))
         pairs = [(q.text, q.answer) for q in world.questions()] + knowledge + [(SAY.format(sentence=t), t) for t in texts]
         (tmp / "tokenizer.model").write_bytes(train_tokenizer(tokenizer_text(texts, pairs), vocab_size, seed))
     return {"sentences": dict(zip(SPLITS, per_split)),

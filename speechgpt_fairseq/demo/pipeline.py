@@ -51,7 +51,7 @@ class Sizes:
 
     sentences: tuple[int, int, int] = (4000, 200, 100)
     renditions: tuple[int, int, int] = (10, 2, 3)  # times each question is spoken, per split
-    updates: dict[str, int] = field(default_factory=lambda: {"stage1": 200, "stage2": 2600, "stage3": 600})
+    updates: dict[str, int] = field(default_factory=lambda: {"stage1": 200, "stage2": 2750, "stage3": 600})
     vocab_size: int = 1000
     max_new_tokens: int = 200  # the longest held-out sentence is about 150 units after merging repeats
 
@@ -161,17 +161,20 @@ class DemoPipeline:
             *(f"{split}={self.stage2_file(task, split)}" for split in ("valid", "test") for task in ("asr", "tts"))]))
         # stage 3: the training questions in every format, "say SENTENCE" answered in speech, the answers' shapes
         # heard, written down and said back (echo), the training questions' transcripts and answers after another
-        # question's speech (swap), and stage 2's data again (rehearsed, so that the knowledge, recognition and
-        # synthesis it taught are kept); the held-out questions spoken (s2s) and typed (t2t)
+        # question's speech (swap), the world's knowledge typed, restated and answered in the chain's shape
+        # (known), and stage 2's data again (rehearsed, so that the knowledge, recognition and synthesis it taught
+        # are kept); the held-out questions spoken (s2s) and typed (t2t)
         com = {"com": ("qa_train", COM_MIX, "qa_train_questions", "qa_train_answers"),
                "say": ("say_train", "t2s=1", None, "train_assistant"),
                "echo": ("echo", "s2s=1", "shapes", "shapes_assistant"),
                "swap": ("qa_train", "s2s=1", "qa_train_swapped", "qa_train_answers"),
+               "known": ("knowledge_com", "t2t_restated=1", None, None),
                **{name: (f"qa_{split}", mix, f"qa_{split}_questions", f"qa_{split}_answers")
                   for name, split, mix in (("valid", "valid", "s2s=1"), ("test", "test", "s2s=1"),
                                            ("test_typed", "test", "t2t=1"))}}
         for name, (manifest, mix, questions, answers) in com.items():
-            units = [*(("--units-i", self.units(questions)) if questions else ()), "--units-r", self.units(answers)]
+            units = [*(("--units-i", self.units(questions)) if questions else ()),
+                     *(("--units-r", self.units(answers)) if answers else ())]
             steps.append(Step(f"stage3-{name}", [
                 "speechgpt", "build-com", "--manifest", self.path("corpus", f"{manifest}.jsonl"), *units,
                 "--mix", mix, "--num-units", str(NUM_UNITS), "--seed", str(self.seed),

@@ -7,7 +7,7 @@ import re
 import sentencepiece as spm
 
 from speechgpt_fairseq.data.builders import shipped_templates
-from speechgpt_fairseq.data.prompts import COM_FORMATS, chain_of_modality, cross_modal, text_instruction
+from speechgpt_fairseq.data.prompts import SPEECHGPT_COM_FORMATS, chain_of_modality, cross_modal, text_instruction
 from speechgpt_fairseq.data.vocabulary import SPEECHGPT_TOKENS
 from speechgpt_fairseq.errors import InputError
 from speechgpt_fairseq.speech.units import format_unit_string
@@ -28,13 +28,15 @@ _ADDED_TOKENS = re.compile("|".join([r"<\d+>", *map(re.escape, SPEECHGPT_TOKENS)
 def tokenizer_text(sentences: list[str], pairs: list[tuple[str, str]]) -> list[str]:
     """Every sentence, question and answer, and the text between the added tokens of the stage-2 prompts
     (each sentence as ASR and TTS, instructions from the shipped templates in turn) and of the stage-3 prompts
-    (each pair in the four chain-of-modality formats and as a text instruction): the prompt markup (": ", " This is input: ", "<eoa>",
-    "; [ta] ", "; [ua] ", " Answer in text.", ...) as the tokenizer will meet it."""
+    (each pair in SpeechGPT's four chain-of-modality formats and as a text instruction): the prompt markup (": ",
+    " This is input: ", "<eoa>", "; [ta] ", "; [ua] ", " Answer in text.", ...) as the tokenizer will meet it."""
     asr, tts = shipped_templates("asr"), shipped_templates("tts")
     speech = format_unit_string([0])  # any unit string: split off with the added tokens
     prompts = [cross_modal(asr[i % len(asr)], speech, text) for i, text in enumerate(sentences)]
     prompts += [cross_modal(tts[i % len(tts)], text, speech) for i, text in enumerate(sentences)]
-    prompts += [chain_of_modality(fmt, q, a, [0], [0]) for q, a in pairs for fmt in COM_FORMATS]
+    # they hold all the chain's markup (t2t_restated adds none); with t2t_restated too, the pieces would
+    # shift, and with them every figure measured with this tokenizer
+    prompts += [chain_of_modality(fmt, q, a, [0], [0]) for q, a in pairs for fmt in SPEECHGPT_COM_FORMATS]
     prompts += [text_instruction(q, a) for q, a in pairs]
     segments = [segment for prompt in prompts for segment in _ADDED_TOKENS.split(prompt) if segment]
     return [*sentences, *(text for pair in pairs for text in pair), *segments]

@@ -312,7 +312,8 @@ def format_of(plain_text: str) -> str:
     prompt, response = split_turn(plain_text)
     speech_i = "<sosp>" in prompt
     speech_r = "[ua]" in response
-    return ("s" if speech_i else "t") + "2" + ("s" if speech_r else "t")
+    fmt = ("s" if speech_i else "t") + "2" + ("s" if speech_r else "t")
+    return "t2t_restated" if fmt == "t2t" and not response.startswith(" [ta]") else fmt
 
 
 def test_com_lines_are_the_documented_formats(tmp_path):
@@ -333,6 +334,7 @@ def test_com_lines_are_the_documented_formats(tmp_path):
     (("units_i",), "s2s=0.4,s2t=0.2,t2s=0.2,t2t=0.2", {"s2t": .5, "t2t": .5}),
     (("units_r",), "s2s=0.4,s2t=0.2,t2s=0.3,t2t=0.1", {"t2s": .75, "t2t": .25}),
     ((), "s2s=0.4,s2t=0.2,t2s=0.2,t2t=0.2", {"t2t": 1.0}),
+    ((), "s2s=0.4,t2t=0.2,t2t_restated=0.6", {"t2t": .25, "t2t_restated": .75}),
 ])
 def test_com_formats_follow_the_mix_and_the_fields(tmp_path, fields, mix, expected):
     lines, stats = com(tmp_path, com_records(2000, fields), mix=mix, seed=5)
@@ -360,6 +362,8 @@ def test_com_reads_units_only_where_a_selected_format_needs_them(tmp_path):
     records = [{"text_i": "q", "text_r": "a", "units_i": [999], "units_r": "<sosp><junk>"}]
     lines, _ = com(tmp_path, records, mix="t2t=1")
     assert lines[0]["plain_text"] == "[Human]: q<eoh>. [SpeechGPT]: [ta] a<eoa>."
+    lines, _ = com(tmp_path, records, out="restated.jsonl", mix="t2t_restated=1")
+    assert lines[0]["plain_text"] == "[Human]: q<eoh>. [SpeechGPT]: q; [ta] a<eoa>."
     with pytest.raises(BuildError, match=r"com_in.jsonl:1: field 'units_i': unit 999 is out of range"):
         com(tmp_path, records, out="x.jsonl", mix="s2t=1")
 
@@ -394,7 +398,7 @@ def test_bad_mix(spec, message):
 
 
 def test_mix_is_normalised():
-    assert parse_mix("t2t=3, s2t=1") == {"s2s": 0.0, "s2t": 0.25, "t2s": 0.0, "t2t": 0.75}
+    assert parse_mix("t2t=3, s2t=1") == {"s2s": 0.0, "s2t": 0.25, "t2s": 0.0, "t2t": 0.75, "t2t_restated": 0.0}
 
 
 # ---- the command line ------------------------------------------------------------------------------------------
@@ -435,7 +439,7 @@ def test_build_com_end_to_end(cli, tmp_path):
     shares = Counter(format_of(x["plain_text"]) for x in lines)
     assert len(lines) == 50 and set(shares) == {"s2s", "s2t"}
     assert run.stdout.strip() == (f"wrote {tmp_path / 'com.jsonl'}: 50 examples from 51 records read (s2s "
-                                  f"{shares['s2s']}, s2t {shares['s2t']}, t2s 0, t2t 0); skipped 1 "
+                                  f"{shares['s2s']}, s2t {shares['s2t']}, t2s 0, t2t 0, t2t_restated 0); skipped 1 "
                                   f"(no selected format fits its fields: 1)")
     run = cli("speechgpt", "build-com", "--manifest", tmp_path / "in.jsonl", "--out", tmp_path / "x.jsonl",
               "--mix", "s2s=1,q=2", check=False)

@@ -114,6 +114,10 @@ def test_make_corpus_splits_and_manifests(tmp_path, espeak_ng):
         assert other["relation"] == record["relation"] and other["person"] != record["person"]
     knowledge = [json.loads(line) for line in (out / "knowledge.jsonl").read_text().splitlines()]
     assert len(knowledge) == stats["knowledge"] and {"instruction", "output"} == set(knowledge[0])
+    # the same instructions for stage 3's known (build-com reads text_i, text_r): every fact, held-out ones too
+    restated = [json.loads(line) for line in (out / "knowledge_com.jsonl").read_text().splitlines()]
+    assert [(r["text_i"], r["text_r"]) for r in restated] == [(r["instruction"], r["output"]) for r in knowledge]
+    assert {(q["text_i"], q["text_r"]) for q in qa["test"]} <= {(r["text_i"], r["text_r"]) for r in restated}
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     assert sp.get_piece_size() == 400
     with pytest.raises(ValueError, match="exists and is not empty"):

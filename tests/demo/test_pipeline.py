@@ -4,8 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from speechgpt_fairseq.demo.pipeline import DemoError, DemoPipeline, Sizes, Step
+from speechgpt_fairseq.demo.pipeline import DemoError, DemoPipeline, Sizes, Step, find_config_dir
 
 
 class Scripted(DemoPipeline):
@@ -73,3 +74,12 @@ def test_the_demo_steps_are_the_documented_commands(tmp_path):
     assert averaging(hubert) == []
     with pytest.raises(DemoError, match="applies to MFCC units"):
         DemoPipeline(tmp_path, Sizes(), hubert="/m/hubert.pt", config_dir=tmp_path, mfcc_average=5)
+    # stage 3's known: the knowledge typed and restated, without speech; every source the stage-3 config mixes is
+    # in its data
+    known = next(s for s in steps if s.name == "stage3-known")
+    assert known.argv[known.argv.index("--mix") + 1] == "t2t_restated=1"
+    assert known.argv[known.argv.index("--manifest") + 1] == str(tmp_path / "corpus" / "knowledge_com.jsonl")
+    assert not {"--units-i", "--units-r"} & set(known.argv)
+    data = next(s for s in steps if s.name == "stage3-data")
+    mix = yaml.safe_load((find_config_dir() / "stage3.yaml").read_text())["task"]["mix"]
+    assert {item.split(":")[0] for item in mix.split(",")} <= {arg.split("=")[0] for arg in data.argv if "=" in arg}
