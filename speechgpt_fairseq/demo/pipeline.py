@@ -36,8 +36,9 @@ COM_MIX = "s2s=0.7,s2t=0.1,t2s=0.1,t2t=0.1"
 BEAM = {"stage2": 4, "stage3": 1}
 # MFCC frames averaged over 9 before k-means (learn-kmeans --mfcc-average): the same sound a few milliseconds later
 # keeps more of its units (15.4% of them change without averaging, 5.0% over 9 frames), and the full demo (stage 2
-# at 2,600 updates then) spoke held-out sentences at 25.4% unit errors instead of 37.3%, the chain's answers as right (93.3%) and clearer
-# (round trip 5.3% instead of 8.8%); over 5 and 7 frames the chain lost answers (docs/quickstart.md)
+# at 2,600 updates then) spoke held-out sentences at 25.4% unit errors instead of 37.3%, the chain's answers as
+# right (93.3%) and clearer (round trip 5.3% instead of 8.8%); over 5 and 7 frames the chain lost answers
+# (docs/quickstart.md)
 MFCC_AVERAGE = 9
 
 
