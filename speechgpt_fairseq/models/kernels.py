@@ -6,13 +6,15 @@ config change. Without it the model normalizes with `F.rms_norm`, the `speechgpt
 `scaled_dot_product_attention`, which runs flash attention on CUDA when the inputs allow it (a generation step
 in fp32 on the CPU runs two matmuls instead: torch's CPU kernel is slow for a single query). Linear layers run
 `F.linear`, except in fp32 on the CPU without gradients (generation, scoring), where `weight @ x^T` is faster
-(`linear`). Each choice is logged once, with the reason when the faster one could not be used.
+(`linear`), and in bf16 generation on the CPU, where the steps read copies of the weights in oneDNN's packed layout
+(`packed_weights`). Each choice is logged once, with the reason when the faster one could not be used.
 """
 from __future__ import annotations
 
 import ast
 import importlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,12 +63,14 @@ def apex_rms_norm(dim: int, eps: float) -> nn.Module | None:
 
 # ---- linear layers -------------------------------------------------------------------------------
 def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """`F.linear(x, weight)` (no bias). In fp32 on the CPU without gradients it is computed as `weight @ x^T`, then
+    """`F.linear(x, weight)` (no bias); `weight` may be a packed copy (`packed_weights`). In fp32 on the CPU without gradients it is computed as `weight @ x^T`, then
     transposed: torch's CPU BLAS runs `x @ weight^T` with few rows (a generation step) as a matrix-vector product on
     one core at about half the memory bandwidth, and the transposed product streams the weight on every core (a
     decoding step of benchmarks/generate.py's model: 13.3 ms of matmuls -> 4.7 ms at batch 1, 23.7 -> 11.7 at
     batch 8). The sums are the same, in another order (fp32 rounding, ~1e-7 relative). A single row is computed as
     two equal columns: a one-column product is a matrix-vector product again."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_grad_enabled():
         return F.linear(x, weight)
     rows = x.reshape(-1, x.size(-1))
@@ -76,6 +80,45 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     columns = (rows if len(rows) > 1 else rows.repeat(2, 1)).t()
     y = torch.mm(weight, columns)[:, :len(rows)].t().contiguous()  # (rows, out)
     return y.view(*x.shape[:-1], weight.size(0))
+
+
+def packed_weights(weights: list[Tensor | None], rows: int) -> list[Tensor | None]:
+    """Copies of bf16 CPU weights in oneDNN's packed layout, for products without gradients (`linear`), or the
+    weights themselves where they cannot be packed or the copies would not fit in half the memory available (they
+    double what the weights take). `F.linear` in bf16 reorders the weight into that layout on every call: a
+    generation step reads each weight about twice over, at 10-15 GB/s; packed once, the product streams it at about
+    20-25 GB/s (this repository's 2-core CPU) and gives the same values, bit for bit. `rows`: the rows a product
+    will usually have (a hint of oneDNN's; any number works). None entries stay None."""
+    given = [w for w in weights if w is not None]
+    if not given or any(w.device.type != "cpu" or w.dtype != torch.bfloat16 or isinstance(w, DTensor) or w.is_meta
+                        for w in given):
+        return weights
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        _log_once("kernels: bf16 generation on the CPU with weights as they are (oneDNN has no bf16 here)")
+        return weights
+    size, available = sum(w.numel() * w.element_size() for w in given), _available_memory()
+    if available is None or 2 * size > available:
+        where = "unknown" if available is None else f"{available / 2**20:,.0f} MiB"
+        _log_once(f"kernels: bf16 generation on the CPU with weights as they are (packed copies would take "
+                  f"{size / 2**20:,.1f} MiB; memory available: {where})")
+        return weights
+    _log_once("kernels: bf16 generation on the CPU reads copies of the weights in oneDNN's packed layout")
+    return [None if w is None else torch.ops.mkldnn._reorder_linear_weight(w, max(1, rows)) for w in weights]
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class Linear(nn.Linear):

@@ -10,6 +10,7 @@ checkpoints hold only the adapters.
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -183,10 +184,12 @@ class Attention(nn.Module):
         self.o_proj = kernels.Linear(self.n_heads * self.head_dim, dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, causal: bool = True,
-                kv: tuple[Tensor, Tensor] | None = None, start: int = 0, qkv_weight: Tensor | None = None) -> Tensor:
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0, qkv_weight: Tensor | None = None,
+                o_weight: Tensor | None = None) -> Tensor:
         """`mask` (B, 1, T, S) says which keys each query sees, else `causal` or all; with `kv` (this layer's cache
         buffers, (B, Hkv, N, D)) the new keys and values are written at [start, start + T) and all up to there seen.
-        `qkv_weight`: the q/k/v weights fused (`fused_weight`; generation), for one matmul instead of three."""
+        `qkv_weight`: the q/k/v weights fused (`fused_weight`; generation), for one matmul instead of three;
+        `o_weight`: the output projection's weight as generation reads it (`StepWeights`)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         if qkv_weight is None:
@@ -203,8 +206,8 @@ class Attention(nn.Module):
             kv[0][:, :, start:start + T] = k
             kv[1][:, :, start:start + T] = v
             k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]  # (B, Hkv, S, D), S = start + T
-        y = kernels.attention(q, k, v, mask, causal, enable_gqa=Hkv != H)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        y = kernels.attention(q, k, v, mask, causal, enable_gqa=Hkv != H).transpose(1, 2).reshape(B, T, H * D)
+        return self.o_proj(y) if o_weight is None else kernels.linear(y, o_weight)
 
 
 class MLP(nn.Module):
@@ -215,13 +218,15 @@ class MLP(nn.Module):
         self.up_proj = kernels.Linear(dim, hidden)
         self.down_proj = kernels.Linear(hidden, dim)
 
-    def forward(self, x: Tensor, gate_up_weight: Tensor | None = None) -> Tensor:
-        """`gate_up_weight`: the gate and up weights fused (`fused_weight`; generation), for one matmul."""
+    def forward(self, x: Tensor, gate_up_weight: Tensor | None = None, down_weight: Tensor | None = None) -> Tensor:
+        """`gate_up_weight`: the gate and up weights fused (`fused_weight`; generation), for one matmul;
+        `down_weight`: the down projection's weight as generation reads it (`StepWeights`)."""
         if gate_up_weight is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = kernels.linear(x, gate_up_weight).chunk(2, -1)
-        return self.down_proj(F.silu(gate) * up)
+        h = F.silu(gate) * up
+        return self.down_proj(h) if down_weight is None else kernels.linear(h, down_weight)
 
 
 def fused_weight(linears: list[nn.Module]) -> Tensor | None:
@@ -259,6 +264,22 @@ def _row_blocks_of_one_buffer(weights: list[Tensor]) -> bool:
     return True
 
 
+def plain_weight(linear: nn.Module) -> Tensor | None:
+    """The weight of a plain projection (`kernels.Linear`), detached; None for a LoRA-wrapped, sharded or meta one."""
+    w = linear.weight if type(linear) is kernels.Linear else None
+    return None if w is None or isinstance(w, DTensor) or w.is_meta else w.detach()
+
+
+class StepWeights(NamedTuple):
+    """A layer's weights as generation steps read them (without gradients): q/k/v fused, the attention's output,
+    gate/up fused, down. Each is the weight itself, a fused view (`fused_weight`) or a packed copy of either
+    (`kernels.packed_weights`), or None: the module runs on its own (a LoRA-wrapped projection)."""
+    qkv: Tensor | None = None
+    o: Tensor | None = None
+    gate_up: Tensor | None = None
+    down: Tensor | None = None
+
+
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -269,15 +290,17 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, causal: bool = True,
                 kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
-                fused: tuple[Tensor | None, Tensor | None] = (None, None)) -> Tensor:
-        """`fused`: the (q/k/v, gate/up) weights fused (`fused_weights`), or None each."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, kv, start, fused[0])
-        return x + self.mlp(self.post_attention_layernorm(x), fused[1])
+                weights: StepWeights = StepWeights()) -> Tensor:
+        """`weights`: the layer's weights as generation reads them (`step_weights`); by default the modules'."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, kv, start, weights.qkv, weights.o)
+        return x + self.mlp(self.post_attention_layernorm(x), weights.gate_up, weights.down)
 
-    def fused_weights(self) -> tuple[Tensor | None, Tensor | None]:
-        """(q/k/v, gate/up) weights, each fused into one tensor where they can be (`fused_weight`), or None."""
+    def step_weights(self) -> StepWeights:
+        """The weights generation steps read: q/k/v and gate/up each fused into one tensor where they can be
+        (`fused_weight`), the other two as they are (`plain_weight`)."""
         attn, mlp = self.self_attn, self.mlp
-        return fused_weight([attn.q_proj, attn.k_proj, attn.v_proj]), fused_weight([mlp.gate_proj, mlp.up_proj])
+        return StepWeights(fused_weight([attn.q_proj, attn.k_proj, attn.v_proj]), plain_weight(attn.o_proj),
+                           fused_weight([mlp.gate_proj, mlp.up_proj]), plain_weight(mlp.down_proj))
 
 
 def positions_within_examples(example_ids: Tensor) -> Tensor:
@@ -357,13 +380,29 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
     # ---- generation: prefill, then step ------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> "KVCache":
         """An empty cache for `batch` rows of up to `capacity` tokens each, in the model's dtype and device. It holds
-        each layer's fused weights (`Block.fused_weights`) for the steps that run without gradients."""
+        the weights the steps read without gradients (`step_weights`)."""
         w = self.embed_tokens.weight
         cache = KVCache(len(self.layers), batch, self.cfg.decoder_kv_heads or self.cfg.decoder_attention_heads,
                         self.head_dim, capacity, w.dtype, w.device)
-        with torch.no_grad():
-            cache.fused_weights = [layer.fused_weights() for layer in self.layers]
+        self.step_weights(cache)
         return cache
+
+    @torch.no_grad()
+    def step_weights(self, cache: "KVCache") -> None:
+        """Give `cache` the weights its steps read without gradients: each layer's (`Block.step_weights`) and the
+        output layer's, packed where `kernels.packed_weights` packs them (bf16 on the CPU). Packed copies hold the
+        values of the moment; the cache notes which Parameters they copy, and `step` packs again after any of those
+        changes (an optimizer step, a load)."""
+        layers = [layer.step_weights() for layer in self.layers]
+        output = self.output_weight
+        output = None if isinstance(output, DTensor) or output.is_meta else output.detach()
+        flat = kernels.packed_weights([w for weights in layers for w in weights] + [output], cache.batch)
+        n = len(StepWeights._fields)
+        cache.layer_weights = [StepWeights(*flat[i:i + n]) for i in range(0, n * len(layers), n)]
+        cache.output_weight = flat[-1]
+        packed = any(w is not None and w.is_mkldnn for w in flat)
+        cache.packed_from = [p for p in self.parameters() if p.dim() == 2] if packed else []
+        cache.packed_version = sum(p._version for p in cache.packed_from)
 
     def prefill(self, prompts: list[Tensor], cache: "KVCache") -> Tensor:
         """Run prompts of different lengths into an empty cache, one row each; the logits (B, V) that follow each
@@ -383,7 +422,7 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
     def step(self, tokens: Tensor, cache: "KVCache", every_position: bool = False) -> Tensor:
         """Append `tokens` (B, T) to the cache's rows; the logits (B, V) after the last of them, or (B, T, V) after
         each with `every_position`. Equal to a full forward pass over each row's tokens so far. Without gradients the
-        layers run on the cache's fused weights."""
+        layers run on the cache's weights (`step_weights`)."""
         start, T = cache.length, tokens.size(1)
         if start + T > cache.capacity:
             raise ValueError(f"the cache holds {cache.capacity} positions; {start} are filled, {T} more do not fit")
@@ -391,13 +430,17 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
         cos, sin = self.rotary.at(cache.positions(T)) if cache.padded else self.rotary(start, T, tokens.device)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once, not in every layer
         mask, causal = cache.attention_mask(T)
-        fused = cache.fused_weights if not torch.is_grad_enabled() else [(None, None)] * len(self.layers)
+        if torch.is_grad_enabled():
+            weights, output = [StepWeights()] * len(self.layers), None
+        else:
+            if cache.packed_from and sum(p._version for p in cache.packed_from) != cache.packed_version:
+                self.step_weights(cache)  # the weights changed since they were packed
+            weights, output = cache.layer_weights, cache.output_weight
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, causal, cache.layer(i), start, fused[i])
+            x = layer(x, cos, sin, mask, causal, cache.layer(i), start, weights[i])
         cache.length += T
-        if not every_position:
-            return self.output_layer(self.norm(x[:, -1]))  # (B, V)
-        return self.output_layer(self.norm(x))  # (B, T, V)
+        h = self.norm(x if every_position else x[:, -1])  # (B, T, C) or (B, C)
+        return self.output_layer(h) if output is None else kernels.linear(h, output)
 
     # ---- fairseq's decoder contract (training, fairseq's stock SequenceGenerator) ----------------
     def forward(self, prev_output_tokens: Tensor, src_lengths=None, encoder_out=None, incremental_state=None,
@@ -437,8 +480,9 @@ class KVCache:
     """Keys and values of every layer for `batch` rows, preallocated for `capacity` tokens per row, so that a step
     writes its keys in place. Rows are left-padded (prompts of different lengths): row b holds its tokens in columns
     [pad[b], length), and every row's next token goes to column `length`. A cache belongs to the model as it was
-    when `new_cache` made it: its fused weights (`fused_weight`) read the model's weights in place, so training
-    in between is seen, but a model moved to another dtype or device needs a new cache."""
+    when `new_cache` made it: its fused weights (`fused_weight`) read the model's weights in place, and its packed
+    copies are made again when the weights change, so training in between is seen, but a model moved to another
+    dtype or device needs a new cache."""
 
     def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device):
@@ -448,8 +492,12 @@ class KVCache:
         self.length = 0  # columns filled
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) columns before each row's first token
         self.padded = False  # whether any row has padding (then steps need an attention mask)
-        # per layer, (q/k/v, gate/up) weights fused (`Block.fused_weights`) or None each; set by `new_cache`
-        self.fused_weights: list[tuple[Tensor | None, Tensor | None]] = [(None, None)] * layers
+        # the weights steps read without gradients, per layer and the output layer's (`step_weights`); the
+        # Parameters packed copies were made from, and the sum of their versions then
+        self.layer_weights: list[StepWeights] = [StepWeights()] * layers
+        self.output_weight: Tensor | None = None
+        self.packed_from: list[Tensor] = []
+        self.packed_version = 0
 
     @property
     def batch(self) -> int:

@@ -254,3 +254,37 @@ def test_linear_layers_compute_f_linear_for_any_rows_and_keep_its_gradients(log)
     with torch.no_grad():
         assert torch.equal(kernels.linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
     assert log() == ["kernels: linear layers in fp32 on the CPU without gradients as weight @ x^T"]
+
+
+PACKING = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+PACKED = "kernels: bf16 generation on the CPU reads copies of the weights in oneDNN's packed layout"
+
+
+@pytest.mark.skipif(not PACKING, reason="this CPU has no oneDNN bf16 products")
+def test_packed_bf16_weights_give_f_linears_values_bit_for_bit(log):
+    """bf16 weights on the CPU are packed once, for generation: a product with the packed copy is F.linear's with
+    the weight, bit for bit, for one row, several, none, or a (B, T) batch. None entries stay None; weights of
+    another dtype are given back as they are."""
+    torch.manual_seed(0)
+    w, w2 = torch.randn(300, 64).bfloat16(), torch.randn(64, 300).bfloat16()
+    packed = kernels.packed_weights([w, None, w2], rows=4)
+    assert packed[0].is_mkldnn and packed[1] is None and packed[2].is_mkldnn
+    for shape in [(1, 64), (2, 64), (17, 64), (3, 5, 64), (0, 64), (1, 1, 64), (33, 64)]:
+        x = torch.randn(*shape).bfloat16()
+        with torch.no_grad():
+            assert torch.equal(kernels.linear(x, packed[0]), F.linear(x, w))
+    x = torch.randn(8, 300).bfloat16()
+    assert torch.equal(kernels.linear(x, packed[2]), F.linear(x, w2))
+    fp32 = torch.randn(300, 64)
+    assert kernels.packed_weights([fp32], rows=1)[0] is fp32
+    assert log() == [PACKED]
+
+
+def test_weights_are_not_packed_where_the_copies_would_not_fit(log, monkeypatch):
+    """Packed copies double what the weights take: where they would take more than half the memory available,
+    generation reads the weights as they are, and the log says why."""
+    monkeypatch.setattr(kernels, "_available_memory", lambda: 100_000)
+    weights = [torch.randn(300, 100).bfloat16()]  # 60,000 bytes: twice that does not fit in 100,000
+    assert kernels.packed_weights(weights, rows=1)[0] is weights[0]
+    assert log() == ["kernels: bf16 generation on the CPU with weights as they are (packed copies would take "
+                     "0.1 MiB; memory available: 0 MiB)"]

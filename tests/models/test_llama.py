@@ -60,7 +60,8 @@ def test_generation_fuses_projections_in_place_and_training_goes_on():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows = [torch.randint(3, 49, (n,)) for n in (5, 3)]
     cache = d.new_cache(2, 8)
-    qkv, gate_up = cache.fused_weights[1]
+    qkv, o, gate_up, down = cache.layer_weights[1]
+    assert o is not None and down is not None and not o.is_mkldnn  # fp32: the weights as they are
     assert torch.equal(qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
     assert torch.equal(gate_up, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
     assert qkv.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
@@ -80,15 +81,15 @@ def test_generation_fuses_projections_in_place_and_training_goes_on():
     assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
     rows = [r.clone() for r in rows]
     cache = d.new_cache(2, 8)
-    assert cache.fused_weights[1][0].dtype == torch.float64
+    assert cache.layer_weights[1].qkv.dtype == torch.float64
     with torch.no_grad():
         torch.testing.assert_close(d.prefill(rows, cache), last_logits(model, rows), atol=1e-10, rtol=0)
 
 
 def test_lora_layers_are_not_fused_and_their_adapters_count_in_steps():
     """A group of projections one of which has a LoRA adapter runs as separate layers (a fused weight would leave
-    the adapter out); a group without adapters is fused."""
-    model = build(lora_rank=2, lora_target_modules="k_proj")
+    the adapter out), and so does a projection of its own with one (o_proj); a group without adapters is fused."""
+    model = build(lora_rank=2, lora_target_modules="k_proj,o_proj")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
@@ -96,13 +97,40 @@ def test_lora_layers_are_not_fused_and_their_adapters_count_in_steps():
     rows = [torch.randint(3, 49, (n,)) for n in (4, 6)]
     d = model.decoder
     cache = d.new_cache(2, 10)
-    qkv, gate_up = cache.fused_weights[0]
-    assert qkv is None and gate_up is not None
+    qkv, o, gate_up, down = cache.layer_weights[0]
+    assert qkv is None and o is None and gate_up is not None and down is not None
     with torch.no_grad():
         torch.testing.assert_close(d.prefill(rows, cache), last_logits(model, rows), atol=1e-5, rtol=0)
         new = torch.randint(3, 49, (2, 1))
         expected = last_logits(model, [torch.cat([r, n]) for r, n in zip(rows, new)])
         torch.testing.assert_close(d.step(new, cache), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="this CPU has no oneDNN bf16 products")
+def test_bf16_steps_on_packed_weights_are_the_steps_on_the_weights_and_follow_changes(monkeypatch):
+    """In bf16 on the CPU a cache holds packed copies of every weight a step reads (`kernels.packed_weights`): its
+    prefill and steps give the logits of the same calls on the weights themselves, bit for bit. After a weight
+    changes in place (an optimizer step, a load), the next step packs the weights again and sees the change."""
+    from speechgpt_fairseq.models import kernels
+
+    model = build(kv_heads=2).to(torch.bfloat16)
+    d = model.decoder
+    rows = [torch.randint(3, 49, (n,)) for n in (5, 3)]
+    packed = d.new_cache(2, 12)
+    assert all(w.is_mkldnn for w in packed.layer_weights[1]) and packed.output_weight.is_mkldnn
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "packed_weights", lambda weights, rows: weights)
+        plain = d.new_cache(2, 12)
+    assert not any(w.is_mkldnn for w in plain.layer_weights[1]) and not plain.output_weight.is_mkldnn
+    with torch.no_grad():
+        assert torch.equal(d.prefill(rows, packed), d.prefill(rows, plain))
+        for change in (False, False, True, False):
+            if change:
+                d.layers[1].mlp.down_proj.weight.mul_(1.5)
+                d.layers[0].self_attn.k_proj.weight.mul_(-1)
+            new = torch.randint(3, 49, (2, 1))
+            assert torch.equal(d.step(new, packed), d.step(new, plain))
 
 
 def test_reordered_cache_rows_continue_their_own_sequences():
