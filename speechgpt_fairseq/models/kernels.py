@@ -64,8 +64,8 @@ def apex_rms_norm(dim: int, eps: float) -> nn.Module | None:
 # ---- linear layers -------------------------------------------------------------------------------
 def linear(x: Tensor, weight: Tensor) -> Tensor:
     """`F.linear(x, weight)` (no bias); `weight` may be a packed copy (`packed_weights`, without gradients). In fp32
-    on the CPU without gradients it is computed as `weight @ x^T`, then transposed: torch's CPU BLAS runs `x @
-    weight^T` with few rows (a generation step) as a matrix-vector product on one core at about half the memory
+    on the CPU without gradients it is computed as `weight @ x^T`, then transposed: torch's CPU BLAS runs
+    `x @ weight^T` with few rows (a generation step) as a matrix-vector product on one core at about half the memory
     bandwidth, and the transposed product streams the weight on every core (a decoding step of
     benchmarks/generate.py's model: 13.3 ms of matmuls -> 4.7 ms at batch 1, 23.7 -> 11.7 at batch 8). The sums are
     the same, in another order (fp32 rounding, ~1e-7 relative). A single row is computed as two equal columns: a
