@@ -264,7 +264,7 @@ def _row_blocks_of_one_buffer(weights: list[Tensor]) -> bool:
     return True
 
 
-def plain_weight(linear: nn.Module) -> Tensor | None:
+def projection_weight(linear: nn.Module) -> Tensor | None:
     """The weight of a plain projection (`kernels.Linear`), detached; None for a LoRA-wrapped, sharded or meta one."""
     w = linear.weight if type(linear) is kernels.Linear else None
     return None if w is None or isinstance(w, DTensor) or w.is_meta else w.detach()
@@ -297,10 +297,10 @@ class Block(nn.Module):
 
     def step_weights(self) -> StepWeights:
         """The weights generation steps read: q/k/v and gate/up each fused into one tensor where they can be
-        (`fused_weight`), the other two as they are (`plain_weight`)."""
+        (`fused_weight`), the other two as they are (`projection_weight`)."""
         attn, mlp = self.self_attn, self.mlp
-        return StepWeights(fused_weight([attn.q_proj, attn.k_proj, attn.v_proj]), plain_weight(attn.o_proj),
-                           fused_weight([mlp.gate_proj, mlp.up_proj]), plain_weight(mlp.down_proj))
+        return StepWeights(fused_weight([attn.q_proj, attn.k_proj, attn.v_proj]), projection_weight(attn.o_proj),
+                           fused_weight([mlp.gate_proj, mlp.up_proj]), projection_weight(mlp.down_proj))
 
 
 def positions_within_examples(example_ids: Tensor) -> Tensor:
@@ -380,15 +380,15 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
     # ---- generation: prefill, then step ------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> "KVCache":
         """An empty cache for `batch` rows of up to `capacity` tokens each, in the model's dtype and device. It holds
-        the weights the steps read without gradients (`step_weights`)."""
+        the weights the steps read without gradients (`set_step_weights`)."""
         w = self.embed_tokens.weight
         cache = KVCache(len(self.layers), batch, self.cfg.decoder_kv_heads or self.cfg.decoder_attention_heads,
                         self.head_dim, capacity, w.dtype, w.device)
-        self.step_weights(cache)
+        self.set_step_weights(cache)
         return cache
 
     @torch.no_grad()
-    def step_weights(self, cache: "KVCache") -> None:
+    def set_step_weights(self, cache: "KVCache") -> None:
         """Give `cache` the weights its steps read without gradients: each layer's (`Block.step_weights`) and the
         output layer's, packed where `kernels.packed_weights` packs them (bf16 on the CPU). Packed copies hold the
         values of the moment; the cache notes which Parameters they copy, and `step` packs again after any of those
@@ -422,7 +422,7 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
     def step(self, tokens: Tensor, cache: "KVCache", every_position: bool = False) -> Tensor:
         """Append `tokens` (B, T) to the cache's rows; the logits (B, V) after the last of them, or (B, T, V) after
         each with `every_position`. Equal to a full forward pass over each row's tokens so far. Without gradients the
-        layers run on the cache's weights (`step_weights`)."""
+        layers run on the cache's weights (`set_step_weights`)."""
         start, T = cache.length, tokens.size(1)
         if start + T > cache.capacity:
             raise ValueError(f"the cache holds {cache.capacity} positions; {start} are filled, {T} more do not fit")
@@ -434,7 +434,7 @@ class SpeechGPTLlamaDecoder(FairseqIncrementalDecoder):
             weights, output = [StepWeights()] * len(self.layers), None
         else:
             if cache.packed_from and sum(p._version for p in cache.packed_from) != cache.packed_version:
-                self.step_weights(cache)  # the weights changed since they were packed
+                self.set_step_weights(cache)  # the weights changed since they were packed
             weights, output = cache.layer_weights, cache.output_weight
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, causal, cache.layer(i), start, weights[i])
@@ -492,7 +492,7 @@ class KVCache:
         self.length = 0  # columns filled
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) columns before each row's first token
         self.padded = False  # whether any row has padding (then steps need an attention mask)
-        # the weights steps read without gradients, per layer and the output layer's (`step_weights`); the
+        # the weights steps read without gradients, per layer and the output layer's (`set_step_weights`); the
         # Parameters packed copies were made from, and the sum of their versions then
         self.layer_weights: list[StepWeights] = [StepWeights()] * layers
         self.output_weight: Tensor | None = None
